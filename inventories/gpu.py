@@ -1,0 +1,71 @@
+"""Example inventory for real machines: copy it, list your hosts, run
+
+    pyinfra inventories/gpu.py deploy.py --dry --diff    # see every change first
+    pyinfra inventories/gpu.py deploy.py
+
+Each host is (name, {data}). Every setting below is optional; the value shown is
+its default. Put settings shared by a group in `group_data/<group>.py` or in the
+`_defaults` dict here.
+
+Connection (pyinfra's own keys):
+    ssh_hostname, ssh_user="root", ssh_port=22, ssh_key, ssh_known_hosts_file,
+    ssh_strict_host_key_checking="yes" (keep it: hosts are identified by their key)
+
+Model:
+    variant="auto"            fp16 | int8 | int4 | auto (by GPU memory: fp16 >= 13 GB,
+                              int8 >= 10 GB, else int4; CPU-only hosts get int4)
+    install_dir="/opt/chatglm"   venv, code checkout, models/<repo>, smoke/
+    code_url, code_revision   the ChatGLM-6B code repo and a 40-hex commit (data/models.toml)
+    model_url                 model repo URL; "{name}" becomes chatglm-6b / -int8 / -int4
+    model_revision            a 40-hex commit of the model repo ...
+    model_revisions={}        ... or one per variant: {"int4": "<commit>", ...}
+    allow_floating_revision=False  accept a branch or tag instead of a commit (the model
+                              code runs with trust_remote_code: pin what you reviewed)
+
+Weights (Tsinghua cloud Seafile shares, data/models.toml):
+    weights_mode="control"    control: downloaded once to the control machine, pushed to
+                              hosts | direct: each host downloads | mirror: a LAN URL
+    weights_cache="~/.cache/chatglm-deploy"   control-side cache (content-addressed)
+    seafile_url=""            another Seafile server holding the same share paths
+    weights_share=""          a different share link (https://HOST/d/TOKEN/)
+    weights_share_path=""     folder inside that share ("{name}" allowed)
+    weights_mirror=""         base URL for weights_mode="mirror"
+
+Python:
+    python_backend="venv"     venv (conda arrives with its own issue)
+    python="python3"          interpreter that creates the venv
+    requirements="chatglm-cpu"    lock file in data/requirements/ (without .txt)
+    pip_index_url=""          a PyPI mirror, e.g. https://pypi.tuna.tsinghua.edu.cn/simple/
+
+GPU stack (resolved from data/compat.toml when unset):
+    cuda_version=""           e.g. "12.4"; must suit the GPU (H100 needs >= 11.8)
+    driver_branch=""          e.g. "550"; never older than the toolkit needs
+    cudnn=""                  apt spec, e.g. "libcudnn8=8.9.7.29-1+cuda12.2"
+    cuda_repo_url="https://developer.download.nvidia.com/compute/cuda/repos"  (a mirror)
+    allow_reboot=False        reboot to cure a driver/library version mismatch
+
+Smoke test and report:
+    smoke_test=True           run a chat on every host, bring the figures back
+    smoke_max_new_tokens=64   cap per answer (0 = the model's own default)
+    report_dir="reports"      where fleet.md and hosts/<host>.json are written
+"""
+
+_defaults = {
+    "ssh_user": "root",
+    "ssh_strict_host_key_checking": "yes",
+    "code_revision": "",  # set: git ls-remote https://github.com/THUDM/ChatGLM-6B
+    "model_revisions": {
+        "fp16": "",  # set: git ls-remote https://huggingface.co/THUDM/chatglm-6b
+        "int8": "",
+        "int4": "",
+    },
+}
+
+gpu_servers = [
+    ("gpu-01.lab.example", {**_defaults, "variant": "fp16"}),
+    ("gpu-02.lab.example", {**_defaults, "cuda_version": "12.4"}),
+]
+
+cpu_servers = [
+    ("cpu-01.lab.example", {**_defaults, "variant": "int4"}),
+]

@@ -1,0 +1,109 @@
+"""Throwaway Debian hosts: an overlay of the cached rootfs per host, sshd as
+PID 1 of its own mount/uts/ipc/pid namespaces, reached on 127.0.0.1:<port>.
+
+The network stack is shared with this machine (no per-host netns), so the
+stand-ins listening on loopback are reachable from every host as they are
+from the control side.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+FIRST_PORT = 2201
+
+
+def _wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                if sock.recv(4).startswith(b"SSH"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"lab host sshd on port {port} did not answer within {timeout}s")
+
+
+def ensure_client_key(lab_dir: Path) -> Path:
+    key = lab_dir / "ssh" / "id_ed25519"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "chatglm-lab",
+                        "-f", str(key)], check=True)
+    return key
+
+
+def start_host(name: str, port: int, rootfs: Path, lab_dir: Path, gpu: dict | None = None) -> dict:
+    """Mount a fresh overlay and start sshd for one host; return its record."""
+    base = lab_dir / "hosts" / name
+    upper, work, merged = base / "upper", base / "work", base / "root"
+    for d in (upper, work, merged):
+        d.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={rootfs},upperdir={upper},workdir={work}", str(merged)], check=True)
+
+    (merged / "etc/hostname").write_text(name + "\n")
+    (merged / "etc/hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {name}\n")
+    (merged / "etc/resolv.conf").write_text(Path("/etc/resolv.conf").read_text())
+    if gpu:
+        # Read by the nvidia-smi stand-in: the GPU and loaded module it simulates.
+        (merged / "etc/lab-gpu").mkdir(exist_ok=True)
+        (merged / "etc/lab-gpu/gpus.json").write_text(json.dumps(gpu))
+
+    host_key = merged / "etc/ssh/ssh_host_ed25519_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
+    client_pub = (ensure_client_key(lab_dir).with_suffix(".pub")).read_text()
+    ssh_dir = merged / "root/.ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    (ssh_dir / "authorized_keys").write_text(client_pub)
+    (merged / "etc/ssh/sshd_config.d/lab.conf").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey /etc/ssh/ssh_host_ed25519_key\n"
+        "PermitRootLogin prohibit-password\nUseDNS no\nMaxSessions 50\nMaxStartups 50\n")
+
+    script = (
+        f"hostname {name}; mount -t sysfs -o ro sysfs {merged}/sys; "
+        f"mount -t tmpfs tmpfs {merged}/run; mkdir -p {merged}/run/sshd; "
+        f"mount -t tmpfs tmpfs {merged}/dev/shm; "
+        f"mount -t devpts -o newinstance,ptmxmode=0666 devpts {merged}/dev/pts; "
+        f"mount --bind {merged}/dev/pts/ptmx {merged}/dev/ptmx; "
+        f"mount -t tmpfs tmpfs {merged}/tmp; "
+        f"exec chroot {merged} /usr/sbin/sshd -D -e"
+    )
+    log = open(base / "sshd.log", "ab")
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--uts", "--ipc", "--pid", "--fork", "--kill-child",
+         f"--mount-proc={merged}/proc", "sh", "-c", script],
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    _wait_port(port)
+    pubkey = (host_key.with_suffix(".pub")).read_text().split()
+    return {"name": name, "port": port, "pid": proc.pid, "dir": str(base),
+            "root": str(merged), "known_host": f"[127.0.0.1]:{port} {pubkey[0]} {pubkey[1]}"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def stop_host(record: dict) -> None:
+    """Kill the host's namespace (sshd is its PID 1), unmount and delete it."""
+    pid = record["pid"]
+    if _alive(pid):
+        # --kill-child forwards SIGKILL to the namespace's PID 1, ending every process in it.
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 10
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.05)
+    merged = record["root"]
+    if subprocess.run(["mountpoint", "-q", merged]).returncode == 0:
+        if subprocess.run(["umount", merged], stderr=subprocess.DEVNULL).returncode != 0:
+            subprocess.run(["umount", "-l", merged], check=True)
+    subprocess.run(["rm", "-rf", "--one-file-system", record["dir"]], check=True)

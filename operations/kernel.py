@@ -1,0 +1,128 @@
+"""The CPU quantization kernel, built once per host, and quantization.py patched to load it.
+
+Upstream's quantize() calls load_cpu_kernel(**kwargs) with no kernel_file, so every
+model load compiles the kernel again ("No compiled kernel found."). The patch hands
+it the prebuilt .so by absolute path: transformers imports quantization.py from its
+modules cache, so a path relative to the file would point at the wrong place.
+"""
+
+import base64
+from io import StringIO
+
+from pyinfra import host
+from pyinfra.api import FactBase, OperationError, StringCommand, operation
+from pyinfra.api.command import QuoteString
+from pyinfra.operations import files
+
+from .system import CpuCount
+
+CALL = "load_cpu_kernel(**kwargs)"
+MARK = "# chatglm-deploy: prebuilt CPU kernel"
+STAMP = ".chatglm-kernel.sha256"
+
+
+class KernelState(FactBase):
+    """sha256 of a kernel source, and the source sha256 the built .so was made from."""
+
+    def command(self, source, built):
+        return (f"src=$(sha256sum {source} 2>/dev/null | cut -d' ' -f1); "
+                f"so=$( [ -f {built} ] && cat {built}.{STAMP.lstrip('.')} 2>/dev/null ); "
+                "echo \"${src:--} ${so:--}\"")
+
+    @staticmethod
+    def default():
+        return {"source": "", "built": ""}
+
+    def process(self, output):
+        source, built = output[0].split()
+        return {"source": source.strip("-"), "built": built.strip("-")}
+
+
+class FileText(FactBase):
+    """A text file's content, or None when it does not exist."""
+
+    def command(self, path):
+        # base64 keeps every byte, trailing whitespace and newlines included.
+        return f"[ -f {path} ] && base64 -w0 {path} && echo || echo __MISSING__"
+
+    @staticmethod
+    def default():
+        return None
+
+    def process(self, output):
+        if output == ["__MISSING__"]:
+            return None
+        return base64.b64decode("".join(output)).decode()
+
+
+def kernel_source(model_dir: str) -> str:
+    """quantization_kernels_parallel.c on hosts with 4+ cores, else the serial one."""
+    parallel = host.get_fact(CpuCount) >= 4
+    return f"{model_dir}/quantization_kernels{'_parallel' if parallel else ''}.c"
+
+
+@operation()
+def build(model_dir: str):
+    """
+    Compile the CPU quantization kernel into the model directory, once per source change.
+
+    + model_dir: the int4/int8 model checkout holding quantization_kernels*.c
+    """
+    source = kernel_source(model_dir)
+    built = source[:-2] + ".so"
+    state = host.get_fact(KernelState, source=source, built=built)
+    if not state["source"]:
+        if host.state.is_executing:
+            raise OperationError(f"{source} is missing: the model checkout holds no CPU kernel")
+        host.noop(f"{source} is built once the model is cloned")
+        return
+    if state["source"] == state["built"]:
+        host.noop(f"{built} is up to date")
+        return
+    # The flags of upstream's own compile, so the .so matches what quantize() would build.
+    yield StringCommand("gcc", "-O3", "-fPIC", "-pthread", "-fopenmp", "-std=c99",
+                        QuoteString(source), "-shared", "-o", QuoteString(built + ".tmp"))
+    yield StringCommand("mv", "-f", QuoteString(built + ".tmp"), QuoteString(built))
+    yield StringCommand("sh", "-c", QuoteString(
+        f"sha256sum '{source}' | cut -d' ' -f1 > '{built}.{STAMP.lstrip('.')}'"))
+
+
+def patched(text: str, path: str, kernel: str) -> str:
+    """quantization.py with quantize() given the prebuilt kernel; raises if the call is absent."""
+    lines = text.split("\n")
+    out, found = [], False
+    for line in lines:
+        if MARK in line:
+            continue
+        if line.strip() == CALL:
+            indent = line[: len(line) - len(line.lstrip())]
+            out.append(f'{indent}kwargs.setdefault("kernel_file", {kernel!r})  {MARK}')
+            found = True
+        out.append(line)
+    if not found:
+        raise OperationError(f"{path}: the line {CALL!r} was not found, so the prebuilt kernel "
+                             "cannot be passed in; this quantization.py differs from the "
+                             "upstream versions the patch knows")
+    return "\n".join(out)
+
+
+@operation()
+def patch_quantization(model_dir: str):
+    """
+    Make quantize() load the prebuilt kernel by absolute path instead of compiling it.
+
+    + model_dir: the int4/int8 model checkout
+    """
+    path = f"{model_dir}/quantization.py"
+    kernel = kernel_source(model_dir)[:-2] + ".so"
+    text = host.get_fact(FileText, path=path)
+    if text is None:
+        if host.state.is_executing:
+            raise OperationError(f"{path} is missing from the model checkout")
+        host.noop(f"{path} is patched once the model is cloned")
+        return
+    new = patched(text, path, kernel)
+    if new == text:
+        host.noop(f"{path} already loads {kernel}")
+        return
+    yield from files.put._inner(src=StringIO(new), dest=path, mode="644")

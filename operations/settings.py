@@ -1,0 +1,157 @@
+"""Per-host settings: defaults, data files, and validation before any host is touched.
+
+Every key here may be set in an inventory's host or group data; inventories/gpu.py
+documents each one with its default.
+"""
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pyinfra.api.exceptions import PyinfraError
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+VARIANTS = ("fp16", "int8", "int4")
+
+
+class SettingError(PyinfraError):
+    """Bad inventory data: names the host, the setting and the fix."""
+
+    def __init__(self, host: str, setting: str, problem: str, fix: str):
+        super().__init__(f"host {host!r}: setting {setting!r} {problem}. Fix: {fix}")
+
+
+def load_toml(name: str) -> dict:
+    with open(DATA / name, "rb") as f:
+        return tomllib.load(f)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    variant: str = "auto"
+    install_dir: str = "/opt/chatglm"
+    python_backend: str = "venv"
+    python: str = "python3"
+    requirements: str = "chatglm-cpu"
+    pip_index_url: str = ""
+    code_url: str = ""
+    code_revision: str = ""
+    model_url: str = ""
+    model_revision: str = ""
+    model_revisions: dict = None
+    allow_floating_revision: bool = False
+    weights_mode: str = "control"
+    weights_share: str = ""
+    seafile_url: str = ""
+    weights_share_path: str = ""
+    weights_mirror: str = ""
+    weights_cache: str = "~/.cache/chatglm-deploy"
+    cuda_version: str = ""
+    driver_branch: str = ""
+    cudnn: str = ""
+    cuda_repo_url: str = "https://developer.download.nvidia.com/compute/cuda/repos"
+    allow_reboot: bool = False
+    smoke_test: bool = True
+    smoke_max_new_tokens: int = 64
+    report_dir: str = "reports"
+
+    @property
+    def venv(self) -> str:
+        return f"{self.install_dir}/venv"
+
+    @property
+    def code_dir(self) -> str:
+        return f"{self.install_dir}/ChatGLM-6B"
+
+    def model_dir(self, variant: str) -> str:
+        return f"{self.install_dir}/models/{load_toml('models.toml')['variants'][variant]['name']}"
+
+
+def _is_commit(rev: str) -> bool:
+    return len(rev) == 40 and all(c in "0123456789abcdef" for c in rev)
+
+
+def _check_url(host, setting, value, schemes=("http", "https", "git", "file")):
+    parsed = urlparse(value)
+    if parsed.scheme not in schemes or (parsed.scheme != "file" and not parsed.netloc):
+        raise SettingError(host, setting, f"= {value!r} is not a valid URL",
+                           f"use a full URL such as 'https://mirror.example/path/' ({'/'.join(schemes)})")
+
+
+def settings_for(host) -> Settings:
+    """Build and validate one host's settings from its data; raise SettingError."""
+    known = {f.name: f for f in fields(Settings) if f.name != "host"}
+    values = {}
+    for name, field in known.items():
+        value = host.data.get(name)
+        if value is None:
+            continue
+        expected = type(field.default)
+        if field.default is None:
+            if not isinstance(value, dict):
+                raise SettingError(host.name, name, f"= {value!r} is not a mapping",
+                                   f"set {name} to a dict such as {{'int4': '<commit>'}}")
+            values[name] = value
+            continue
+        if expected is bool and not isinstance(value, bool):
+            raise SettingError(host.name, name, f"= {value!r} is not true/false",
+                               f"set {name}=True or {name}=False")
+        if expected is int and not isinstance(value, int):
+            raise SettingError(host.name, name, f"= {value!r} is not a number", f"set {name} to an integer")
+        values[name] = expected(value) if expected is str else value
+    s = Settings(host=host.name, **values)
+
+    if s.variant not in (*VARIANTS, "auto"):
+        raise SettingError(host.name, "variant", f"= {s.variant!r} is unknown",
+                           "use one of 'fp16', 'int8', 'int4' or 'auto'")
+    if s.python_backend not in ("venv",):
+        raise SettingError(host.name, "python_backend", f"= {s.python_backend!r} is not supported",
+                           "use 'venv'")
+    if s.weights_mode not in ("control", "direct", "mirror"):
+        raise SettingError(host.name, "weights_mode", f"= {s.weights_mode!r} is unknown",
+                           "use 'control', 'direct' or 'mirror'")
+    if s.weights_mode == "mirror" and not s.weights_mirror:
+        raise SettingError(host.name, "weights_mirror", "is empty while weights_mode='mirror'",
+                           "set weights_mirror to the LAN HTTP URL holding the weight files")
+    if not (DATA / "requirements" / f"{s.requirements}.txt").exists():
+        raise SettingError(host.name, "requirements", f"= {s.requirements!r} names no lock file",
+                           f"use the name of a file in {DATA / 'requirements'} (without .txt)")
+    for name in ("pip_index_url", "weights_share", "seafile_url", "weights_mirror", "code_url", "model_url",
+                 "cuda_repo_url"):
+        if getattr(s, name):
+            _check_url(host.name, name, getattr(s, name))
+    if not s.install_dir.startswith("/"):
+        raise SettingError(host.name, "install_dir", f"= {s.install_dir!r} is not absolute",
+                           "use an absolute path such as '/opt/chatglm'")
+    return s
+
+
+def source_for(s: Settings, variant: str) -> dict:
+    """The code and model repo, revision and share of a variant, host settings first."""
+    models = load_toml("models.toml")
+    v = models["variants"][variant]
+    src = {
+        "code_url": s.code_url or models["code"]["url"],
+        "code_revision": s.code_revision or models["code"]["revision"],
+        "model_url": s.model_url.format(name=v["name"]) if s.model_url else v["url"],
+        "model_revision": (s.model_revisions or {}).get(variant) or s.model_revision
+        or v["revision"],
+        "share": s.weights_share or (
+            s.seafile_url.rstrip("/") + urlparse(v["share"]).path if s.seafile_url else v["share"]),
+        "share_path": s.weights_share_path.format(name=v["name"]) if s.weights_share_path
+        else v["share_path"],
+        "name": v["name"],
+    }
+    for key in ("code_revision", "model_revision"):
+        rev = src[key]
+        if not _is_commit(rev) and not s.allow_floating_revision:
+            setting = key if getattr(s, key) else f"{key} (data/models.toml)"
+            raise SettingError(
+                s.host, setting, f"= {rev!r} is not a pinned commit",
+                "set it to a reviewed 40-hex commit (git ls-remote URL shows them), or set "
+                "allow_floating_revision=True to accept a branch or tag: this code runs with "
+                "trust_remote_code")
+    return src
