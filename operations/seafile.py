@@ -55,6 +55,10 @@ def _redirect(http, base, token, file_path) -> str:
                     allow_redirects=False, timeout=30)
     if resp.status_code in (301, 302, 303, 307, 308):
         return requests.compat.urljoin(resp.url, resp.headers["Location"])
+    if resp.status_code == 200:
+        # Seafile answers a missing file (or a password form) with a page, not a redirect.
+        raise ShareError(f"{file_path!r}: the share answered a page instead of a download "
+                         "redirect: the file does not exist there, or the share needs a password")
     if resp.status_code in (400, 403, 404):
         raise ShareError(f"{file_path!r}: the share answered HTTP {resp.status_code} "
                          f"{_error(resp)}")
