@@ -52,7 +52,7 @@ src = source_for(s, variant)
 model_dir = s.model_dir(variant)
 model.clone(name="Model: clone ChatGLM-6B code", url=src["code_url"], dest=s.code_dir,
             revision=src["code_revision"])
-model.clone(name=f"Model: clone {src['name']}", url=src["model_url"], dest=model_dir,
+model.clone(name="Model: clone the model repo", url=src["model_url"], dest=model_dir,
             revision=src["model_revision"])
 
 # Stage 5: weights from the share, verified against the LFS pointers.

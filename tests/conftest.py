@@ -42,21 +42,35 @@ class Lab:
         # --dry must not get -y: with it pyinfra skips the change detection it should print.
         yes = [] if "--dry" in args else ["-y"]
         argv = [str(exe), *yes, str(inventory or self.inventory), "deploy.py", *args]
-        return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        # pyinfra logs to stderr; one stream keeps its lines in order.
+        return subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=1800)
 
 
 @pytest.fixture(scope="session")
 def lab():
     if os.geteuid() != 0:
         pytest.skip("the lab needs root")
+    from lab import hosts as labhosts
     from lab import lab as labmod
 
+    # Up twice: the second replaces the first's hosts and keeps its stand-ins.
+    first = labmod.up(1)
+    first_pid = labmod.load_state()["hosts"][0]["pid"]
     inventory = labmod.up(3, variants={"h1": "auto", "h2": "int8", "h3": "int4"})
+    assert inventory == first and not labhosts._alive(first_pid)
+    state = labmod.load_state()
     try:
-        yield Lab(inventory, labmod.load_state())
+        yield Lab(inventory, state)
     finally:
         if not os.environ.get("CHATGLM_LAB_KEEP"):
             labmod.down()
+            # Teardown leaves no mounts, namespaces or processes behind.
+            mounts = Path("/proc/mounts").read_text()
+            assert str(labmod.LAB) not in mounts, mounts
+            pids = [h["pid"] for h in state["hosts"]] + [v["pid"] for v in state["services"].values()]
+            assert not [p for p in pids if labhosts._alive(p)]
+            assert not list((labmod.LAB / "hosts").glob("*"))
 
 
 def quote(value: str) -> str:

@@ -3,7 +3,9 @@
 import json
 import re
 
-from conftest import ROOT
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LIMIT = ("--limit", "h1", "--limit", "h2")
 
@@ -18,7 +20,7 @@ def totals(output: str) -> dict:
 
 def test_first_deploy_then_rerun_changes_nothing(lab):
     first = lab.deploy(*LIMIT)
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert first.returncode == 0, first.stdout[-6000:]
     t = totals(first.stdout)
     assert t["error"] == 0 and t["success"] > 0
 
@@ -54,6 +56,6 @@ def test_first_deploy_then_rerun_changes_nothing(lab):
 def test_dry_run_on_a_fresh_host_changes_nothing(lab):
     before = lab.ssh("h3", "ls /opt 2>/dev/null; dpkg -l | wc -l").stdout
     dry = lab.deploy("--limit", "h3", "--dry", "--diff")
-    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
-    assert "Will" in dry.stdout or "Detected changes" in dry.stdout + dry.stderr
+    assert dry.returncode == 0, dry.stdout[-3000:]
+    assert "Will" in dry.stdout or "Detected changes" in dry.stdout
     assert lab.ssh("h3", "ls /opt 2>/dev/null; dpkg -l | wc -l").stdout == before
