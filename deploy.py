@@ -1,6 +1,6 @@
 """Take hosts to a verified, working ChatGLM-6B install.
 
-    pyinfra inventories/gpu.py deploy.py            # apply
+    pyinfra inventories/gpu.py deploy.py                # apply
     pyinfra inventories/gpu.py deploy.py --dry --diff   # show every change first
 
 pyinfra runs this file once per host to collect operations, then executes them
@@ -12,62 +12,78 @@ from pathlib import Path
 
 from pyinfra import host, inventory, state
 
-from operations import gpu, kernel, model, pyenv, smoke, system
+from operations import cuda_libs, gpu, kernel, model, pyenv, smoke, system
 from operations.report import FleetReport
 from operations.settings import ROOT, settings_for, source_for
 from operations.system import MemoryBytes
 
 # Every host's data is validated on the first pass, before any host's facts are read.
 if not getattr(state, "chatglm_checked", False):
+    smoke_hosts = 0
     for each in inventory:
         each_settings = settings_for(each)
-        if each_settings.variant != "auto":
+        if each_settings.variant != "auto" and "model" in each_settings.stage_list:
             source_for(each_settings, each_settings.variant)
+        smoke_hosts += each_settings.smoke_test and {"model", "smoke"} <= set(each_settings.stage_list)
     state.chatglm_checked = True
     report_dir = Path(settings_for(next(iter(inventory))).report_dir)
     report_dir = report_dir if report_dir.is_absolute() else Path(state.cwd or ROOT) / report_dir
-    state.chatglm_report = FleetReport(report_dir, len(state.activated_hosts))
+    state.chatglm_report = FleetReport(report_dir, len(state.activated_hosts), bool(smoke_hosts))
     state.add_callback_handler(state.chatglm_report)
 
 s = settings_for(host)
+stages = s.stage_list
 os_ident = system.check_supported()
 
-# Stage 1: GPU detection and the resolver.
+# GPU detection and the resolver run for every host before any change.
 plan = gpu.gpu_plan(s, os_ident)
 gpu.report_plan(name="GPU: detect and resolve the stack", plan=plan)
 
-# Stage 2: base packages (git, git-lfs, gcc, python3-venv).
-system.base_packages(name="System: base packages")
+if "system" in stages:
+    system.base_packages(name="System: base packages")
 
-# Stage 3: the Python environment.
-pyenv.venv(name="Python: venv with pinned requirements", s=s)
-pyenv.verify(name="Python: verify torch/transformers/cpm_kernels", s=s, expect_cuda=plan["gpu"])
+if "gpu" in stages and plan["gpu"]:
+    gpu.secure_boot(name="GPU: Secure Boot check", plan=plan,
+                    module_signed=s.secure_boot_module_signed)
+    gpu.cuda_repo(name="GPU: NVIDIA CUDA apt repo", plan=plan, s=s)
+    if not plan["keep_driver"]:
+        gpu.nouveau(name="GPU: blacklist nouveau", allow_reboot=s.allow_reboot)
+    gpu.packages(name="GPU: driver, CUDA toolkit, cuDNN (pinned, held)", plan=plan, s=s)
+    gpu.cuda_link(name="GPU: /usr/local/cuda -> planned toolkit", plan=plan)
+    gpu.module(name="GPU: kernel module matches driver libraries", plan=plan,
+               allow_reboot=s.allow_reboot)
 
-# Stage 4: code and model repos at pinned commits, without LFS smudge.
-if s.variant == "auto":
-    variant = model.auto_variant(plan, host.get_fact(MemoryBytes))
-else:
-    variant = s.variant
-src = source_for(s, variant)
-model_dir = s.model_dir(variant)
-model.clone(name="Model: clone ChatGLM-6B code", url=src["code_url"], dest=s.code_dir,
-            revision=src["code_revision"])
-model.clone(name="Model: clone the model repo", url=src["model_url"], dest=model_dir,
-            revision=src["model_revision"])
+if "python" in stages:
+    pyenv.venv(name="Python: venv with pinned requirements", s=s)
+    pyenv.verify(name="Python: verify torch/transformers/cpm_kernels", s=s,
+                 expect_cuda=plan["gpu"])
 
-# Stage 5: weights from the share, verified against the LFS pointers.
-model.weights(name="Model: weights from the share", s=s, model_dir=model_dir,
-              share=src["share"], share_path=src["share_path"])
+if "cuda_libs" in stages and plan["gpu"]:
+    cuda_libs.expose(name="CUDA libs: link where cpm_kernels looks", plan=plan)
+    cuda_libs.check(name="CUDA libs: cpm_kernels' own lookup",
+                    python=f"{s.venv}/bin/python" if "python" in stages else s.python)
 
-# Stage 6: the CPU kernel built once, quantization.py patched to use it.
-if variant in ("int4", "int8"):
-    kernel.build(name="Kernel: build the CPU quantization kernel", model_dir=model_dir)
-    kernel.patch_quantization(name="Kernel: patch quantization.py", model_dir=model_dir)
+if "model" in stages:
+    if s.variant == "auto":
+        variant = model.auto_variant(plan, host.get_fact(MemoryBytes))
+    else:
+        variant = s.variant
+    src = source_for(s, variant)
+    model_dir = s.model_dir(variant)
+    model.clone(name="Model: clone ChatGLM-6B code", url=src["code_url"], dest=s.code_dir,
+                revision=src["code_revision"])
+    model.clone(name="Model: clone the model repo", url=src["model_url"], dest=model_dir,
+                revision=src["model_revision"])
+    model.weights(name="Model: weights from the share", s=s, model_dir=model_dir,
+                  share=src["share"], share_path=src["share_path"])
 
-# Stage 7: smoke test and the result brought back for the fleet report.
-if s.smoke_test:
-    device = "cuda" if plan["gpu"] else "cpu"
-    smoke.run(name="Smoke: chat test", s=s, variant=variant, model_dir=model_dir,
-              revision=src["model_revision"], device=device)
-    smoke.fetch(name="Smoke: fetch result", s=s,
-                local_dir=str(state.chatglm_report.report_dir / "hosts"))
+    if "kernel" in stages and variant in ("int4", "int8"):
+        kernel.build(name="Kernel: build the CPU quantization kernel", model_dir=model_dir)
+        kernel.patch_quantization(name="Kernel: patch quantization.py", model_dir=model_dir)
+
+    if "smoke" in stages and s.smoke_test:
+        device = "cuda" if plan["gpu"] else "cpu"
+        smoke.run(name="Smoke: chat test", s=s, variant=variant, model_dir=model_dir,
+                  revision=src["model_revision"], device=device)
+        smoke.fetch(name="Smoke: fetch result", s=s,
+                    local_dir=str(state.chatglm_report.report_dir / "hosts"))

@@ -26,7 +26,7 @@ fi
 
 cmd="${1:-demo}"; shift || true
 case "$cmd" in
-  test) exec .venv/bin/python -m pytest tests "$@" ;;
+  test) exec .venv/bin/python -m pytest "$@" ;;
   demo|up|down|status) exec .venv/bin/python -m lab "$cmd" "$@" ;;
   *) echo "usage: ./lab.sh demo|test|up|down|status" >&2; exit 2 ;;
 esac

@@ -50,10 +50,7 @@ def start_host(name: str, port: int, rootfs: Path, lab_dir: Path, gpu: dict | No
     (merged / "etc/hostname").write_text(name + "\n")
     (merged / "etc/hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {name}\n")
     (merged / "etc/resolv.conf").write_text(Path("/etc/resolv.conf").read_text())
-    if gpu:
-        # Read by the nvidia-smi stand-in: the GPU and loaded module it simulates.
-        (merged / "etc/lab-gpu").mkdir(exist_ok=True)
-        (merged / "etc/lab-gpu/gpus.json").write_text(json.dumps(gpu))
+    sim_mounts = _simulate_gpu(base / "sim", merged, gpu) if gpu else ""
 
     host_key = merged / "etc/ssh/ssh_host_ed25519_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
@@ -71,7 +68,7 @@ def start_host(name: str, port: int, rootfs: Path, lab_dir: Path, gpu: dict | No
         f"mount -t tmpfs tmpfs {merged}/dev/shm; "
         f"mount -t devpts -o newinstance,ptmxmode=0666 devpts {merged}/dev/pts; "
         f"mount --bind {merged}/dev/pts/ptmx {merged}/dev/ptmx; "
-        f"mount -t tmpfs tmpfs {merged}/tmp; "
+        f"{sim_mounts}"
         f"exec chroot {merged} /usr/sbin/sshd -D -e"
     )
     log = open(base / "sshd.log", "ab")
@@ -83,6 +80,42 @@ def start_host(name: str, port: int, rootfs: Path, lab_dir: Path, gpu: dict | No
     pubkey = (host_key.with_suffix(".pub")).read_text().split()
     return {"name": name, "port": port, "pid": proc.pid, "dir": str(base),
             "root": str(merged), "known_host": f"[127.0.0.1]:{port} {pubkey[0]} {pubkey[1]}"}
+
+
+def _simulate_gpu(sim: Path, merged: Path, gpu: dict) -> str:
+    """Files that make a host look like it has an NVIDIA GPU; return the shell that
+    bind-mounts them over sysfs/procfs inside the host's mount namespace.
+
+    + gpu: {"gpus": [{name, memory_mib, compute_cap, pci}], "kernel_module_version": "580.95.05"
+      or absent (no module loaded), "secure_boot": bool}
+    """
+    # The nvidia-smi stand-in of the lab's apt repo reads this file.
+    (merged / "etc/lab-gpu").mkdir(exist_ok=True)
+    (merged / "etc/lab-gpu/gpus.json").write_text(json.dumps(gpu))
+    mounts = []
+    pci = sim / "pci"
+    for i, card in enumerate(gpu.get("gpus", [])):
+        dev = pci / f"0000:{i + 1:02x}:00.0"
+        dev.mkdir(parents=True, exist_ok=True)
+        (dev / "vendor").write_text("0x10de\n")
+        (dev / "device").write_text(card.get("device_id", "0x2330") + "\n")
+        (dev / "class").write_text("0x030200\n")
+    pci.mkdir(parents=True, exist_ok=True)
+    mounts.append(f"mount --bind {pci} {merged}/sys/bus/pci/devices")
+    if gpu.get("kernel_module_version"):
+        drv = sim / "proc-driver"
+        (drv / "nvidia").mkdir(parents=True, exist_ok=True)
+        (drv / "nvidia" / "version").write_text(
+            f"NVRM version: NVIDIA UNIX x86_64 Kernel Module  {gpu['kernel_module_version']}  "
+            "Release Build  (lab)\nGCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+        mounts.append(f"mount --bind {drv} {merged}/proc/driver")
+    if "secure_boot" in gpu:
+        efivars = sim / "firmware" / "efi" / "efivars"
+        efivars.mkdir(parents=True, exist_ok=True)
+        (efivars / "SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c").write_bytes(
+            bytes([6, 0, 0, 0, 1 if gpu["secure_boot"] else 0]))
+        mounts.append(f"mount --bind {sim / 'firmware'} {merged}/sys/firmware")
+    return "".join(m + "; " for m in mounts)
 
 
 def _alive(pid: int) -> bool:

@@ -141,7 +141,7 @@ def start_services(state: dict, share_dirs: dict):
         _wait_listening(PORTS[name])
 
 
-def write_inventory(state: dict, commits: dict, variants: dict) -> Path:
+def write_inventory(state: dict, commits: dict, variants: dict, extra: dict | None = None) -> Path:
     key = LAB / "ssh" / "id_ed25519"
     known = LAB / "ssh" / "known_hosts"
     known.write_text("".join(h["known_host"] + "\n" for h in state["hosts"]))
@@ -165,7 +165,8 @@ def write_inventory(state: dict, commits: dict, variants: dict) -> Path:
     lines = ['"""Written by `python -m lab up`: the lab\'s throwaway hosts (do not edit)."""', "",
              "lab = ["]
     for h in state["hosts"]:
-        data = {**common, "ssh_port": h["port"], "variant": variants.get(h["name"], "auto")}
+        data = {**common, "ssh_port": h["port"], "variant": variants.get(h["name"], "auto"),
+                **(extra or {}).get(h["name"], {})}
         lines.append(f"    ({h['name']!r}, {data!r}),")
     lines.append("]")
     path = LAB / "inventory.py"
@@ -173,8 +174,14 @@ def write_inventory(state: dict, commits: dict, variants: dict) -> Path:
     return path
 
 
-def up(n_hosts: int = 2, variants: dict | None = None, gpus: dict | None = None) -> Path:
-    """Bring the lab up with n_hosts fresh hosts; return the inventory path."""
+def up(n_hosts: int = 2, variants: dict | None = None, gpus: dict | None = None,
+       extra: dict | None = None) -> Path:
+    """Bring the lab up with n_hosts fresh hosts h1..hN; return the inventory path.
+
+    + variants: {host: variant}, default 'auto'
+    + gpus: {host: simulated GPU} (see hosts._simulate_gpu)
+    + extra: {host: more inventory data}
+    """
     LAB.mkdir(parents=True, exist_ok=True)
     state = load_state()
     if state["hosts"]:
@@ -201,7 +208,7 @@ def up(n_hosts: int = 2, variants: dict | None = None, gpus: dict | None = None)
             name, labhosts.FIRST_PORT + i, rootfs, LAB, gpu=(gpus or {}).get(name)))
         save_state(state)
     log(f"{n_hosts} hosts up in {time.time() - t0:.2f}s")
-    return write_inventory(state, commits, variants or {})
+    return write_inventory(state, commits, variants or {}, extra)
 
 
 def down():

@@ -14,6 +14,7 @@ from pyinfra.api import FactBase, OperationError, StringCommand, operation
 from pyinfra.api.command import QuoteString
 from pyinfra.operations import files
 
+from .common import fail
 from .system import CpuCount
 
 CALL = "load_cpu_kernel(**kwargs)"
@@ -73,7 +74,8 @@ def build(model_dir: str):
     state = host.get_fact(KernelState, source=source, built=built)
     if not state["source"]:
         if host.state.is_executing:
-            raise OperationError(f"{source} is missing: the model checkout holds no CPU kernel")
+            yield fail(f"{source} is missing: the model checkout holds no CPU kernel")
+            return
         host.noop(f"{source} is built once the model is cloned")
         return
     if state["source"] == state["built"]:
@@ -118,10 +120,15 @@ def patch_quantization(model_dir: str):
     text = host.get_fact(FileText, path=path)
     if text is None:
         if host.state.is_executing:
-            raise OperationError(f"{path} is missing from the model checkout")
+            yield fail(f"{path} is missing from the model checkout")
+            return
         host.noop(f"{path} is patched once the model is cloned")
         return
-    new = patched(text, path, kernel)
+    try:
+        new = patched(text, path, kernel)
+    except OperationError as error:
+        yield fail(str(error))
+        return
     if new == text:
         host.noop(f"{path} already loads {kernel}")
         return

@@ -5,18 +5,23 @@ file starts as its LFS pointer (oid sha256 + size). The weights are then fetched
 from the Seafile share, checked against that pointer, and moved over it.
 """
 
+import logging
 import threading
 from pathlib import Path
 
+import requests
+
 from pyinfra import host
-from pyinfra.api import (FactBase, FileUploadCommand, FunctionCommand, OperationError,
+from pyinfra.api import (FactBase, FileUploadCommand, FunctionCommand,
                          StringCommand, operation)
 from pyinfra.api.command import QuoteString
 
+from .common import fail
 from . import seafile
 from .settings import Settings
 
 STAMPS = ".chatglm-verified"
+logger = logging.getLogger("pyinfra")
 
 
 class GitHead(FactBase):
@@ -100,18 +105,26 @@ def clone(url: str, dest: str, revision: str):
 _locks: dict[str, threading.Lock] = {}
 
 
-def fetch_to_cache(cache: Path, share: str, share_path: str, name: str, oid: str, size: int) -> Path:
-    """Download one weight file into the control cache once, however many hosts need it."""
+def fetch_to_cache(state, host, cache: Path, share: str, share_path: str, name: str, oid: str,
+                   size: int) -> bool:
+    """Download one weight file into the control cache once, however many hosts need it.
+
+    Returns False (failing only this host) when the share cannot deliver the file.
+    """
     target = cache / "blobs" / oid
     lock = _locks.setdefault(oid, threading.Lock())
-    with lock:
-        if target.exists() and target.stat().st_size == size:
-            return target
-        listing = {d.get("file_name"): d for d in seafile.list_folder(share, share_path)}
-        if name not in listing:
-            raise seafile.ShareError(f"{name!r} is not in folder {share_path!r} of {share}")
-        seafile.download(share, listing[name]["file_path"], target, oid, size)
-    return target
+    try:
+        with lock:
+            if target.exists() and target.stat().st_size == size:
+                return True
+            listing = {d.get("file_name"): d for d in seafile.list_folder(share, share_path)}
+            if name not in listing:
+                raise seafile.ShareError(f"{name!r} is not in folder {share_path!r} of {share}")
+            seafile.download(share, listing[name]["file_path"], target, oid, size)
+    except (seafile.ShareError, OSError, requests.RequestException) as error:
+        host.log_styled(f"weights: {error}", fg="red", log_func=logger.error)
+        return False
+    return True
 
 
 @operation()
@@ -127,7 +140,8 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str):
     files = host.get_fact(LfsFiles, path=model_dir)
     if not files:
         if host.state.is_executing:
-            raise OperationError(f"{model_dir} has no LFS-tracked files: is it a model repo?")
+            yield fail(f"{model_dir} has no LFS-tracked files: is it a model repo?")
+            return
         host.noop(f"weights are listed once {model_dir} is cloned")
         return
     todo = {n: f for n, f in files.items()
@@ -146,7 +160,8 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str):
                                                    f["size"]), {})
             yield FileUploadCommand(str(blob), partial)
         else:
-            raise OperationError(f"weights_mode={s.weights_mode!r} is not implemented yet")
+            yield fail(f"weights_mode={s.weights_mode!r} is not implemented yet")
+            return
         # The host checks the bytes itself before they replace the pointer.
         yield StringCommand(
             "sh", "-c", QuoteString(

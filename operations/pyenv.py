@@ -4,10 +4,11 @@ import json
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import FactBase, OperationError, StringCommand, operation
+from pyinfra.api import FactBase, StringCommand, operation
 from pyinfra.api.command import QuoteString
 from pyinfra.operations import files
 
+from .common import fail
 from .settings import DATA, Settings
 
 VERIFY = (
@@ -117,13 +118,15 @@ def verify(s: Settings, expect_cuda: bool):
         return
     stack = host.get_fact(PythonStack, venv=s.venv)
     if "error" in stack:
-        raise OperationError(f"the venv {s.venv} cannot import torch/transformers/cpm_kernels: "
+        yield fail(f"the venv {s.venv} cannot import torch/transformers/cpm_kernels: "
                              f"{stack['error']}")
+        return
     if stack["cuda_available"] != expect_cuda:
-        raise OperationError(
+        yield fail(
             f"torch {stack['torch']} reports cuda_available={stack['cuda_available']} but the "
             f"resolver planned {'a CUDA' if expect_cuda else 'a CPU'} build; check the driver "
             "(nvidia-smi) and the torch wheel index")
+        return
     host.noop(f"torch {stack['torch']} (CUDA {stack['cuda']}), transformers "
               f"{stack['transformers']}: as planned")
     return

@@ -68,8 +68,9 @@ def write(report_dir: Path, failures: dict[str, dict]) -> Path:
 class FleetReport(BaseStateCallback):
     """Records which stage each failed host stopped at; writes the report as hosts finish."""
 
-    def __init__(self, report_dir: Path, hosts: int):
+    def __init__(self, report_dir: Path, hosts: int, enabled: bool = True):
         self.report_dir = report_dir
+        self.enabled = enabled
         self.remaining = hosts
         self.failures: dict[str, dict] = {}
 
@@ -82,6 +83,6 @@ class FleetReport(BaseStateCallback):
 
     def host_disconnect(self, state, host):
         self.remaining -= 1
-        if self.remaining == 0 and state.is_executing:
+        if self.remaining == 0 and state.is_executing and self.enabled:
             path = write(self.report_dir, self.failures)
             print(f"\n--> Fleet report: {path}\n")

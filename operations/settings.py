@@ -14,6 +14,7 @@ from pyinfra.api.exceptions import PyinfraError
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 VARIANTS = ("fp16", "int8", "int4")
+STAGES = ("gpu", "system", "python", "cuda_libs", "model", "kernel", "smoke")
 
 
 class SettingError(PyinfraError):
@@ -52,11 +53,22 @@ class Settings:
     cuda_version: str = ""
     driver_branch: str = ""
     cudnn: str = ""
+    gpu_compute_cap: str = ""
+    gpu_memory_mib: int = 0
+    kernel_headers: bool = True
+    secure_boot_module_signed: bool = False
+    stages: str = "all"
     cuda_repo_url: str = "https://developer.download.nvidia.com/compute/cuda/repos"
     allow_reboot: bool = False
     smoke_test: bool = True
     smoke_max_new_tokens: int = 64
     report_dir: str = "reports"
+
+    @property
+    def stage_list(self) -> list[str]:
+        if self.stages == "all":
+            return list(STAGES)
+        return [p.strip() for p in self.stages.split(",") if p.strip()]
 
     @property
     def venv(self) -> str:
@@ -110,6 +122,10 @@ def settings_for(host) -> Settings:
     if s.python_backend not in ("venv",):
         raise SettingError(host.name, "python_backend", f"= {s.python_backend!r} is not supported",
                            "use 'venv'")
+    unknown = set(s.stage_list) - set(STAGES)
+    if unknown:
+        raise SettingError(host.name, "stages", f"names unknown stages {sorted(unknown)}",
+                           f"use 'all' or a comma-separated list of {', '.join(STAGES)}")
     if s.weights_mode not in ("control", "direct", "mirror"):
         raise SettingError(host.name, "weights_mode", f"= {s.weights_mode!r} is unknown",
                            "use 'control', 'direct' or 'mirror'")

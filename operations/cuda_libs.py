@@ -1,0 +1,138 @@
+"""The four CUDA libraries cpm_kernels loads, made findable where it looks.
+
+cpm_kernels 1.0.11 tries $CUDA_PATH/lib64/lib<name>.so, then
+/usr/local/cuda/lib64/lib<name>.so, then ctypes.util.find_library(name). libcuda
+belongs to the driver, not the toolkit, so /usr/local/cuda/lib64 lacks it and only
+the ld.so cache saves the lookup, when it does. This stage links the driver's own
+libcuda.so.1 (never a copy of another version) into /usr/local/cuda/lib64 and then
+runs cpm_kernels' own lookup to prove all four resolve there.
+"""
+
+import json
+
+from pyinfra import host
+from pyinfra.api import FactBase, StringCommand, operation
+from pyinfra.api.command import QuoteString
+
+from .common import fail
+from .gpu import DriverLibraries, KernelModule
+from .resolver import version_tuple
+
+LIBS = ("cuda", "cudart", "cublasLt", "nvrtc")
+CUDA_LIB64 = "/usr/local/cuda/lib64"
+
+# Loads cpm_kernels/library/base.py on its own: importing the package would call
+# cudaGetDeviceCount, which raises on hosts without a working driver.
+LOOKUP = (
+    "import importlib.util as u, json, os, sys; "
+    "spec = u.find_spec('cpm_kernels'); "
+    "base = os.path.join(spec.submodule_search_locations[0], 'library', 'base.py'); "
+    "m = u.module_from_spec(u.spec_from_file_location('cpm_lookup', base)); "
+    "spec2 = m.__spec__; spec2.loader.exec_module(m); "
+    "print(json.dumps({n: m.unix_find_lib(n) for n in sys.argv[1:]}))"
+)
+
+
+class CpmKernelsLookup(FactBase):
+    """What cpm_kernels' unix_find_lib returns for each library, or {"error": ...}."""
+
+    def command(self, python):
+        names = " ".join(LIBS)
+        return (f"{python} -c \"{LOOKUP}\" {names} 2>&1 | tail -1 || true")
+
+    @staticmethod
+    def default():
+        return {"error": "no output"}
+
+    def process(self, output):
+        try:
+            return json.loads(output[-1])
+        except ValueError:
+            return {"error": output[-1]}
+
+
+class Lib64Links(FactBase):
+    """For each library: what /usr/local/cuda/lib64/lib<name>.so resolves to ('' when absent
+    or dangling), and the newest versioned file beside it."""
+
+    def command(self):
+        return "; ".join(
+            f"t=$([ -e {CUDA_LIB64}/lib{n}.so ] && readlink -f {CUDA_LIB64}/lib{n}.so); "
+            f"v=$(ls {CUDA_LIB64}/lib{n}.so.* 2>/dev/null | sort -V | tail -1); "
+            f"echo \"{n} ${{t:--}} ${{v:--}}\""
+            for n in LIBS)
+
+    @staticmethod
+    def default():
+        return {}
+
+    def process(self, output):
+        links = {}
+        for line in output:
+            name, target, versioned = line.split()
+            links[name] = {"target": target.strip("-"), "versioned": versioned.strip("-")}
+        return links
+
+
+@operation()
+def expose(plan: dict):
+    """
+    Link the driver's libcuda.so.1 and the toolkit's unversioned libraries into
+    /usr/local/cuda/lib64, where cpm_kernels looks first.
+
+    + plan: the resolver's result for this host
+    """
+    libs = host.get_fact(DriverLibraries)
+    loaded = host.get_fact(KernelModule)
+    if not libs:
+        if host.state.is_executing:
+            yield fail("no driver libcuda.so.1 found (ld.so cache and "
+                                 "/usr/lib/x86_64-linux-gnu, /usr/local/nvidia/lib64, ...)")
+            return
+        host.noop("libcuda is linked once the driver is installed")
+        return
+    # The library of the loaded module's version, never one of another version.
+    match = [lib for lib in libs if lib["version"] == loaded] or \
+        sorted(libs, key=lambda lib: version_tuple(lib["version"]))[-1:]
+    driver_lib = match[0]["path"]
+    links = host.get_fact(Lib64Links)
+    changed = False
+    if links.get("cuda", {}).get("target") != driver_lib:
+        yield StringCommand("mkdir", "-p", CUDA_LIB64)
+        yield StringCommand("ln", "-sfn", QuoteString(driver_lib), f"{CUDA_LIB64}/libcuda.so")
+        changed = True
+    for name in LIBS[1:]:
+        info = links.get(name, {})
+        if not info.get("target") and info.get("versioned"):
+            yield StringCommand("ln", "-sfn", QuoteString(info["versioned"]),
+                                f"{CUDA_LIB64}/lib{name}.so")
+            changed = True
+    if not changed:
+        host.noop(f"{CUDA_LIB64}/libcuda.so -> {driver_lib}; toolkit libraries in place")
+
+
+@operation(is_idempotent=False)
+def check(python: str):
+    """
+    Run cpm_kernels' own library lookup; fail the host unless all four resolve to
+    /usr/local/cuda/lib64.
+
+    + python: the interpreter whose cpm_kernels is checked (the venv's)
+    """
+    if not host.state.is_executing:
+        host.noop("checked at execution, after the libraries are linked")
+        return
+    found = host.get_fact(CpmKernelsLookup, python=python)
+    if "error" in found:
+        yield fail(f"cpm_kernels' lookup could not run with {python}: {found['error']}")
+        return
+    wrong = {n: p for n, p in found.items() if not (p or "").startswith(CUDA_LIB64 + "/")}
+    if wrong:
+        yield fail(
+            "cpm_kernels would not find these libraries at /usr/local/cuda/lib64: "
+            + ", ".join(f"{n} -> {p}" for n, p in wrong.items())
+            + ". 'Library cuda is not initialized' follows at the first int4/int8 chat")
+        return
+    host.noop("cpm_kernels finds " + ", ".join(f"{n}={p}" for n, p in found.items()))
+    return
+    yield
