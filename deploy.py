@@ -48,7 +48,8 @@ if "gpu" in stages and plan["gpu"]:
     gpu.cuda_repo(name="GPU: NVIDIA CUDA apt repo", plan=plan, s=s)
     if not plan["keep_driver"]:
         gpu.nouveau(name="GPU: blacklist nouveau", allow_reboot=s.allow_reboot)
-    gpu.packages(name="GPU: driver, CUDA toolkit, cuDNN (pinned, held)", plan=plan, s=s)
+    gpu.packages(name="GPU: driver, CUDA toolkit, cuDNN", plan=plan, s=s)
+    gpu.hold(name="GPU: hold the driver, toolkit and cuDNN packages", plan=plan)
     gpu.cuda_link(name="GPU: /usr/local/cuda -> planned toolkit", plan=plan)
     gpu.module(name="GPU: kernel module matches driver libraries", plan=plan,
                allow_reboot=s.allow_reboot)

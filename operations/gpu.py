@@ -129,12 +129,16 @@ class SecureBoot(FactBase):
 
 
 class CudaToolkits(FactBase):
-    """Installed toolkits {"12.4": "/usr/local/cuda-12.4"} and where /usr/local/cuda points."""
+    """Installed toolkits {"12.4": "/usr/local/cuda-12.4"} and where /usr/local/cuda points.
+
+    A toolkit is a /usr/local/cuda-X.Y directory holding its runtime library, whether it
+    came from apt, a runfile or an image (version.json is not always there).
+    """
 
     def command(self):
-        return ("for f in /usr/local/cuda-*/version.json; do [ -e \"$f\" ] && "
-                "echo \"$(readlink -f $(dirname $f)) $(grep -o '\"version\" *: *\"[0-9.]*\"' $f | head -1 "
-                "| grep -o '[0-9][0-9.]*')\"; done; echo \"current $(readlink -f /usr/local/cuda)\"")
+        return ("for d in /usr/local/cuda-[0-9]*.[0-9]*; do "
+                "ls $d/lib64/libcudart.so* $d/targets/*/lib/libcudart.so* >/dev/null 2>&1 && "
+                "echo \"$(readlink -f $d)\"; done; echo \"current $(readlink -f /usr/local/cuda)\"")
 
     @staticmethod
     def default():
@@ -143,11 +147,12 @@ class CudaToolkits(FactBase):
     def process(self, output):
         installed, current = {}, ""
         for line in output:
-            first, _, rest = line.partition(" ")
-            if first == "current":
-                current = rest.strip()
-            elif rest:
-                installed[".".join(rest.split(".")[:2])] = first
+            if line.startswith("current "):
+                current = line[len("current "):].strip()
+                continue
+            match = re.search(r"cuda-(\d+\.\d+)$", line.strip())
+            if match:
+                installed[match.group(1)] = line.strip()
         return {"installed": installed, "current": current}
 
 
@@ -246,8 +251,8 @@ def secure_boot(plan: dict, module_signed: bool):
     + plan: the resolver's result for this host
     + module_signed: the inventory says a MOK is enrolled and DKMS signs the module
     """
-    if plan["keep_driver"] or module_signed or host.get_fact(KernelModule):
-        host.noop("Secure Boot is no obstacle: the module is already loaded or signed")
+    if plan["keep_driver"] or module_signed:
+        host.noop("Secure Boot is no obstacle: the driver is kept or its module is signed")
         return
     if host.get_fact(SecureBoot):
         yield fail(
@@ -269,7 +274,8 @@ def _packages_needed(plan: dict, s: Settings) -> list[str]:
     if plan["cuda"] not in toolkits:
         needed.append(f"cuda-toolkit-{plan['cuda'].replace('.', '-')}")
     cudnn = plan["cudnn"]
-    if cudnn != "none" and cudnn.split("=")[0] not in installed:
+    name, _, version = cudnn.partition("=")
+    if cudnn != "none" and (name not in installed or (version and version not in installed[name])):
         needed.append(cudnn)
     return needed
 
@@ -333,8 +339,8 @@ def nouveau(allow_reboot: bool):
 @operation()
 def packages(plan: dict, s: Settings):
     """
-    Install and hold the resolved driver branch, CUDA toolkit and cuDNN; never downgrade
-    or replace a driver that already satisfies the toolkit.
+    Install the resolved driver branch, CUDA toolkit and cuDNN; never downgrade or
+    replace a driver that already satisfies the toolkit (gpu.hold pins them after).
 
     + plan: the resolver's result for this host
     + s: the host's settings (kernel_headers)
@@ -342,24 +348,39 @@ def packages(plan: dict, s: Settings):
     needed = _packages_needed(plan, s)
     if needed and not plan["keep_driver"] and s.kernel_headers:
         # DKMS builds the module against the running kernel's headers.
-        yield ("apt-get install -y -qq --no-install-recommends \"linux-headers-$(uname -r)\" "
+        yield ("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "
+               "\"linux-headers-$(uname -r)\" "
                "|| { echo 'no linux-headers package for the running kernel '$(uname -r)'; install "
                "them or set kernel_headers=False if the module is built another way' >&2; exit 1; }")
     if needed:
         yield from apt.packages._inner(packages=needed, no_recommends=True)
-    holds = [f"nvidia-driver-{plan['driver_branch']}", f"cuda-drivers-{plan['driver_branch']}"] \
-        if not plan["keep_driver"] else []
+    if not needed:
+        host.noop(f"driver {plan['installed_driver'] or plan['driver_branch']}, CUDA {plan['cuda']} "
+                  f"and {plan['cudnn']} are installed")
+
+
+@operation()
+def hold(plan: dict):
+    """
+    Hold the planned driver, toolkit and cuDNN packages so upgrades cannot move them.
+
+    + plan: the resolver's result for this host
+    """
+    # NVIDIA's Debian repos name the driver package without its branch.
+    holds = [f"nvidia-driver-{plan['driver_branch']}", "nvidia-driver",
+             f"cuda-drivers-{plan['driver_branch']}"] if not plan["keep_driver"] else []
     holds.append(f"cuda-toolkit-{plan['cuda'].replace('.', '-')}")
     if plan["cudnn"] != "none":
         holds.append(plan["cudnn"].split("=")[0])
     installed = host.get_fact(DebPackages)
     held = host.get_fact(AptHolds)
-    to_hold = [p for p in holds if p not in held and (p in installed or needed)]
-    if to_hold:
-        yield StringCommand("apt-mark", "hold", *to_hold)
-    if not needed and not to_hold:
-        host.noop(f"driver {plan['installed_driver'] or plan['driver_branch']}, CUDA {plan['cuda']} "
-                  f"and {plan['cudnn']} installed and held")
+    # Only names dpkg knows: apt-mark fails on unknown ones (NVIDIA's Debian repos name the
+    # driver package without its branch), and a toolkit from a runfile is no package.
+    to_hold = [p for p in holds if p not in held and p in installed]
+    if not to_hold:
+        host.noop("planned packages held: " + (", ".join(p for p in holds if p in held) or "none"))
+        return
+    yield StringCommand("apt-mark", "hold", *to_hold)
 
 
 @operation()

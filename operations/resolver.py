@@ -48,6 +48,12 @@ def resolve(host: str, gpus: list[dict], os_id: str, pins: dict,
         if version_tuple(arch["min_cuda"]) > version_tuple(need):
             need, need_gpu = arch["min_cuda"], gpu
 
+    newest = max(os_row["cudas"], key=version_tuple)
+    if version_tuple(newest) < version_tuple(need):
+        raise SettingError(host, "os", f"{os_id!r} carries CUDA up to {newest}, too old for "
+                           f"{need_gpu['name']} (compute capability {need_gpu['compute_cap']} "
+                           f"needs CUDA >= {need})",
+                           "install this GPU in a host with a newer OS release")
     cuda = pins.get("cuda_version") or os_row["default_cuda"]
     if cuda not in compat["cuda"]:
         raise SettingError(host, "cuda_version", f"= {cuda!r} is unknown",

@@ -111,7 +111,7 @@ def settings_for(host) -> Settings:
         if expected is bool and not isinstance(value, bool):
             raise SettingError(host.name, name, f"= {value!r} is not true/false",
                                f"set {name}=True or {name}=False")
-        if expected is int and not isinstance(value, int):
+        if expected is int and (not isinstance(value, int) or isinstance(value, bool)):
             raise SettingError(host.name, name, f"= {value!r} is not a number", f"set {name} to an integer")
         values[name] = expected(value) if expected is str else value
     s = Settings(host=host.name, **values)
@@ -126,6 +126,8 @@ def settings_for(host) -> Settings:
     if unknown:
         raise SettingError(host.name, "stages", f"names unknown stages {sorted(unknown)}",
                            f"use 'all' or a comma-separated list of {', '.join(STAGES)}")
+    if not s.stage_list:
+        raise SettingError(host.name, "stages", "is empty", "use 'all' or name the stages to run")
     if s.weights_mode not in ("control", "direct", "mirror"):
         raise SettingError(host.name, "weights_mode", f"= {s.weights_mode!r} is unknown",
                            "use 'control', 'direct' or 'mirror'")

@@ -1,0 +1,309 @@
+"""Spec tests for the GPU operations (operations/gpu.py, operations/cuda_libs.py).
+
+In the style of pyinfra's own operation tests: each file in tests/specs/gpu/ names an
+operation, its arguments, the facts a fake host answers with and the exact commands the
+operation must yield. The operation's undecorated generator (``op._inner``) runs with
+``pyinfra.host`` and ``pyinfra.state`` bound to fakes; nothing connects anywhere.
+
+Spec keys:
+  op          "gpu.packages", "gpu.hold", "cuda_libs.expose", ...
+  args        keyword arguments. "plan" is either a literal plan or
+              {"resolve": {"gpus": ["H100" | {...}], "os": "ubuntu-24.04", "pins": {...},
+                           "installed_driver": "580.65.06"}}
+              which runs operations.resolver.resolve (plus the keys gpu_plan adds).
+              "s" is a dict of host data, turned into Settings by settings_for.
+  plan_expect subset the resolved plan must contain (checks the resolver on the way)
+  executing   host.state.is_executing (default false)
+  facts       {"module.FactClass": value} or {"module.FactClass(k=v, k2=v2)": value};
+              a fact request not listed fails the test, naming it
+  commands    exact list of commands: strings, {"upload": dest[, "content": text]},
+              {"function": name}
+  noop        true: no commands and host.noop was called; a string: also a substring
+              of a noop message
+  raises      the operation fails the host: it raises, or its last command is
+              operations.common.fail(message); a substring (or list of substrings) of
+              the exception's or the fail() message
+  xfail       a known bug in the operation, described; the spec states the intended
+              behaviour and fails strictly until the bug is fixed (then drop the key)
+"""
+
+import json
+import subprocess
+from contextlib import ExitStack
+from io import StringIO
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+from pyinfra.api.command import FileUploadCommand, FunctionCommand, StringCommand
+from pyinfra.context import ctx_host, ctx_state
+
+from operations import common, cuda_libs, gpu
+from operations.resolver import resolve
+from operations.settings import SettingError, settings_for
+
+SPECS = Path(__file__).resolve().parent / "specs" / "gpu"
+SPEC_FILES = sorted(SPECS.glob("*.json"))
+HOST = "gpu-test"
+MODULES = {"gpu": gpu, "cuda_libs": cuda_libs}
+
+# GPUs a spec may name instead of spelling them out.
+GPUS = {
+    "H100": {"name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559, "compute_cap": "9.0"},
+    "A10": {"name": "NVIDIA A10", "memory_mib": 23028, "compute_cap": "8.6"},
+    "A100": {"name": "NVIDIA A100-SXM4-40GB", "memory_mib": 40960, "compute_cap": "8.0"},
+    "L4": {"name": "NVIDIA L4", "memory_mib": 23034, "compute_cap": "8.9"},
+    "T4": {"name": "Tesla T4", "memory_mib": 15360, "compute_cap": "7.5"},
+}
+# Facts whose real values are not JSON types.
+CONVERT = {"deb.DebPackages": lambda v: {k: set(vs) for k, vs in v.items()}}
+
+
+class FakeData(dict):
+    pass
+
+
+class FailCommand(StringCommand):
+    """What operations.common.fail returns, with the message kept for the spec."""
+
+    def __init__(self, message):
+        super().__init__(*common.fail(message).bits)
+        self.message = message
+
+
+class FakeHost:
+    """Just enough of pyinfra.api.host.Host for the operations under test."""
+
+    def __init__(self, name, facts, state):
+        self.name = name
+        self.data = FakeData()
+        self.state = state
+        self.facts = facts
+        self.asked = []
+        self.noops = []
+        self.current_op_global_arguments = {}
+        self.in_op = False
+
+    def get_fact(self, cls, *args, **kwargs):
+        if args:
+            pytest.fail(f"fact {cls.__name__} asked with positional arguments {args}")
+        key = fact_key(cls, kwargs)
+        self.asked.append(key)
+        if key not in self.facts:
+            pytest.fail(f"unexpected fact request: {key!r} (the spec's facts: {sorted(self.facts)})")
+        value = self.facts[key]
+        return CONVERT.get(key.split("(")[0], lambda v: v)(value)
+
+    def noop(self, description):
+        self.noops.append(description)
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def get_temp_filename(self, hash_key=None, hash_filename=True, *args, **kwargs):
+        return "/tmp/pyinfra-spec-temp"
+
+
+class FakeDataHost:
+    """What settings_for reads: a name and a data mapping."""
+
+    def __init__(self, name, data):
+        self.name = name
+        self.data = data
+
+
+def fact_key(cls, kwargs) -> str:
+    name = f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+    if kwargs:
+        name += "(" + ", ".join(f"{k}={v}" for k, v in sorted(kwargs.items())) + ")"
+    return name
+
+
+def build_plan(spec_plan: dict) -> dict:
+    if "resolve" not in spec_plan:
+        return dict(spec_plan)
+    r = spec_plan["resolve"]
+    gpus = [GPUS[g] if isinstance(g, str) else g for g in r.get("gpus", ["H100"])]
+    installed = r.get("installed_driver", "")
+    plan = resolve(HOST, gpus, r["os"], r.get("pins", {}), installed_driver=installed)
+    # What gpu.gpu_plan adds to the resolver's result.
+    plan.update(gpus=gpus, smi_error=r.get("smi_error", ""), installed_driver=installed)
+    return plan
+
+
+def build_args(spec: dict) -> dict:
+    args = {}
+    for name, value in spec.get("args", {}).items():
+        if name == "plan":
+            value = build_plan(value)
+        elif name == "s":
+            value = settings_for(FakeDataHost(HOST, value))
+        args[name] = value
+    return args
+
+
+def render(command):
+    if isinstance(command, str):
+        return command.strip()  # as pyinfra's operation wrapper does
+    if isinstance(command, FailCommand):
+        return {"fail": command.message}
+    if isinstance(command, StringCommand):
+        return command.get_raw_value()
+    if isinstance(command, FileUploadCommand):
+        src = command.src
+        content = src.getvalue() if isinstance(src, StringIO) else Path(src).read_text()
+        return {"upload": command.dest, "content": content}
+    if isinstance(command, FunctionCommand):
+        return {"function": command.function.__name__}
+    return {"unknown": repr(command)}
+
+
+def matches(expected, actual) -> bool:
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        # An upload spec may leave its content out.
+        return all(actual.get(k) == v for k, v in expected.items())
+    return expected == actual
+
+
+def run_spec(spec: dict):
+    module_name, op_name = spec["op"].split(".")
+    op = getattr(MODULES[module_name], op_name)
+    args = build_args(spec)
+    for key, value in spec.get("plan_expect", {}).items():
+        assert args["plan"].get(key) == value, f"resolved plan[{key!r}] = {args['plan'].get(key)!r}"
+    config = SimpleNamespace(DIFF=False, TEMP_DIR="/tmp", SUDO=False)
+    state = SimpleNamespace(is_executing=spec.get("executing", False), config=config,
+                            cwd=str(Path(__file__).resolve().parent.parent))
+    fake = FakeHost(HOST, spec.get("facts", {}), state)
+    commands, error = [], None
+    with ExitStack() as stack:
+        for module in MODULES.values():
+            if hasattr(module, "fail"):
+                stack.enter_context(mock.patch.object(module, "fail", FailCommand))
+        stack.enter_context(ctx_state.use(state))
+        stack.enter_context(ctx_host.use(fake))
+        try:
+            for command in op._inner(**args):
+                commands.append(render(command))
+        except Exception as exc:  # noqa: BLE001 - the spec says which
+            if "raises" not in spec:
+                raise
+            error = exc
+    return commands, fake, error
+
+
+def _param(path: Path):
+    spec = json.loads(path.read_text())
+    marks = [pytest.mark.xfail(reason=spec["xfail"], strict=True)] if "xfail" in spec else []
+    return pytest.param(path, id=path.stem, marks=marks)
+
+
+@pytest.mark.parametrize("path", [_param(p) for p in SPEC_FILES])
+def test_spec(path):
+    spec = json.loads(path.read_text())
+    commands, fake, error = run_spec(spec)
+    if "raises" in spec:
+        fails = [c for c in commands if isinstance(c, dict) and "fail" in c]
+        if error is None and fails:
+            assert commands[-1] is fails[-1], f"commands after fail(): {commands}"
+            error = fails[-1]["fail"]
+        assert error is not None, f"expected a failure, got commands {commands}, noops {fake.noops}"
+        wanted = spec["raises"] if isinstance(spec["raises"], list) else [spec["raises"]]
+        for text in wanted:
+            assert text in str(error), f"{text!r} not in the error: {error}"
+        return
+    if spec.get("noop"):
+        assert commands == [], f"expected a noop, got {commands}"
+        assert fake.noops, "no host.noop() for an operation that changes nothing"
+        if isinstance(spec["noop"], str):
+            assert any(spec["noop"] in n for n in fake.noops), fake.noops
+        return
+    expected = spec["commands"]
+    assert len(commands) == len(expected) and all(map(matches, expected, commands)), (
+        "commands differ:\n  got      " + json.dumps(commands, indent=1)
+        + "\n  expected " + json.dumps(expected, indent=1))
+
+
+def _gpu_plan(facts: dict, os_id: str = "ubuntu-24.04", **data) -> dict:
+    state = SimpleNamespace(is_executing=False, config=SimpleNamespace(DIFF=False))
+    fake = FakeHost(HOST, facts, state)
+    with ctx_state.use(state), ctx_host.use(fake):
+        return gpu.gpu_plan(settings_for(FakeDataHost(HOST, data)), os_id)
+
+
+SMI_NONE = {"gpus": [], "driver": "", "error": "", "installed": False}
+
+
+def test_gpu_plan_from_nvidia_smi():
+    smi = {"gpus": [GPUS["H100"]], "driver": "580.82.07", "error": "", "installed": True}
+    plan = _gpu_plan({"gpu.NvidiaPciDevices": [{"pci": "0000:01:00.0", "device": "0x2330"}],
+                      "gpu.NvidiaSmi": smi, "gpu.DriverLibraries": []})
+    assert (plan["cuda"], plan["keep_driver"], plan["driver_branch"]) == ("13.0", True, "580")
+    assert plan["installed_driver"] == "580.82.07" and plan["gpus"] == [GPUS["H100"]]
+
+
+def test_gpu_plan_from_the_pci_table_before_any_driver():
+    plan = _gpu_plan({"gpu.NvidiaPciDevices": [{"pci": "0000:01:00.0", "device": "0x2330"}],
+                      "gpu.NvidiaSmi": SMI_NONE, "gpu.DriverLibraries": []}, "debian-12")
+    assert plan["gpus"][0]["compute_cap"] == "9.0"
+    assert (plan["cuda"], plan["keep_driver"], plan["repo_distro"]) == ("13.0", False, "debian12")
+
+
+def test_gpu_plan_version_mismatch_uses_the_libraries_version():
+    smi = {"gpus": [], "driver": "", "installed": True,
+           "error": "Failed to initialize NVML: Driver/library version mismatch"}
+    libs = [{"link": "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
+             "path": "/usr/lib/x86_64-linux-gnu/libcuda.so.580.82.07", "version": "580.82.07"}]
+    plan = _gpu_plan({"gpu.NvidiaPciDevices": [{"pci": "0000:01:00.0", "device": "0x2330"}],
+                      "gpu.NvidiaSmi": smi, "gpu.DriverLibraries": libs})
+    assert plan["installed_driver"] == "580.82.07" and plan["keep_driver"] is True
+    assert "mismatch" in plan["smi_error"]
+
+
+def test_gpu_plan_unknown_pci_id_needs_compute_cap():
+    facts = {"gpu.NvidiaPciDevices": [{"pci": "0000:01:00.0", "device": "0xffff"}],
+             "gpu.NvidiaSmi": SMI_NONE, "gpu.DriverLibraries": []}
+    with pytest.raises(SettingError) as info:
+        _gpu_plan(facts)
+    assert all(t in str(info.value) for t in (HOST, "gpu_compute_cap", "0xffff", "Fix:"))
+    plan = _gpu_plan(facts, gpu_compute_cap="8.6", gpu_memory_mib=23028)
+    assert plan["gpus"][0]["compute_cap"] == "8.6" and plan["gpus"][0]["memory_mib"] == 23028
+
+
+def test_gpu_plan_cpu_only():
+    plan = _gpu_plan({"gpu.NvidiaPciDevices": [], "gpu.NvidiaSmi": SMI_NONE,
+                      "gpu.DriverLibraries": []}, "centos-7")
+    assert plan["gpu"] is False and plan["torch_tag"] == "cpu"
+
+
+def test_fail_command_fails_with_its_message():
+    """The real fail(): a shell command that prints the message and exits 1."""
+    message = "it's \"quoted\" $(not run) `nor this`; Fix: nothing"
+    command = common.fail(message).get_raw_value()
+    proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=5)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "ERROR: " + message
+
+
+def test_specs_exist():
+    assert len(SPEC_FILES) >= 30, SPEC_FILES
+
+
+def test_every_operation_has_specs():
+    """Each operation the GPU stage runs (report_plan only logs) is covered by specs."""
+    ops = {json.loads(p.read_text())["op"] for p in SPEC_FILES}
+    wanted = {"gpu.secure_boot", "gpu.cuda_repo", "gpu.nouveau", "gpu.packages", "gpu.hold",
+              "gpu.cuda_link", "gpu.module", "cuda_libs.expose", "cuda_libs.check"}
+    assert wanted <= ops, sorted(wanted - ops)
+
+
+def test_every_spec_is_well_formed():
+    allowed = {"op", "description", "args", "plan_expect", "executing", "facts", "commands",
+               "noop", "raises", "xfail"}
+    for path in SPEC_FILES:
+        spec = json.loads(path.read_text())
+        assert set(spec) <= allowed, (path.name, set(spec) - allowed)
+        assert "op" in spec, path.name
+        assert sum(k in spec for k in ("commands", "noop", "raises")) >= 1, path.name
+        assert not ("noop" in spec and "commands" in spec), path.name

@@ -1,0 +1,342 @@
+"""operations.resolver (GPU -> CUDA -> driver -> cuDNN -> torch) and operations.settings.
+
+Pure unit tests: a host here is a name and a data dict, nothing is connected.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+
+from operations.resolver import os_key, resolve, version_tuple
+from operations.settings import STAGES, SettingError, load_toml, settings_for, source_for
+
+HOST = "gpu-node-7"
+H100 = {"name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559, "compute_cap": "9.0"}
+A10 = {"name": "NVIDIA A10", "memory_mib": 23028, "compute_cap": "8.6"}
+T4 = {"name": "Tesla T4", "memory_mib": 15360, "compute_cap": "7.5"}
+B200 = {"name": "NVIDIA B200", "memory_mib": 183359, "compute_cap": "10.0"}
+COMMIT = "a" * 40
+COMPAT = load_toml("compat.toml")
+
+
+def plan_for(gpus, os_id, installed_driver="", **pins):
+    return resolve(HOST, gpus, os_id, pins, installed_driver=installed_driver)
+
+
+def error_of(func, *args, **kwargs) -> str:
+    with pytest.raises(SettingError) as info:
+        func(*args, **kwargs)
+    return str(info.value)
+
+
+def assert_names(message: str, setting: str, *more: str):
+    """Every SettingError names the host and the setting and says how to fix it."""
+    assert repr(HOST) in message, message
+    assert f"setting {setting!r}" in message, message
+    assert "Fix:" in message, message
+    for text in more:
+        assert text in message, (text, message)
+
+
+def host_with(**data):
+    return SimpleNamespace(name=HOST, data=data)
+
+
+# ---------------------------------------------------------------- resolve
+
+
+def test_h100_on_ubuntu_2404_gets_cuda_13_branch_580():
+    plan = plan_for([H100], "ubuntu-24.04")
+    assert plan == {
+        "gpu": True, "cuda": "13.0", "min_driver": "580.65.06", "driver_branch": "580",
+        "keep_driver": False, "cudnn": "libcudnn9-cuda-13", "torch_tag": "cu130",
+        "repo_distro": "ubuntu2404",
+    }
+
+
+def test_ampere_on_debian_11_default():
+    plan = plan_for([A10], "debian-11")
+    assert (plan["cuda"], plan["driver_branch"], plan["torch_tag"], plan["repo_distro"]) == \
+        ("12.4", "550", "cu124", "debian11")
+    assert plan["cudnn"] == "libcudnn9-cuda-12" and not plan["keep_driver"]
+
+
+@pytest.mark.parametrize("os_id, repo, cuda", [
+    ("ubuntu-20.04", "ubuntu2004", "12.4"), ("ubuntu-22.04", "ubuntu2204", "13.0"),
+    ("ubuntu-24.04", "ubuntu2404", "13.0"), ("debian-11", "debian11", "12.4"),
+    ("debian-12", "debian12", "13.0")])
+def test_default_per_os(os_id, repo, cuda):
+    plan = plan_for([H100], os_id)
+    assert (plan["repo_distro"], plan["cuda"]) == (repo, cuda)
+    assert plan["driver_branch"] == COMPAT["cuda"][cuda]["branch"]
+
+
+def test_h100_with_cuda_117_is_refused():
+    message = error_of(plan_for, [H100], "ubuntu-22.04", cuda_version="11.7")
+    assert_names(message, "cuda_version", "11.7", "11.8", "9.0")
+
+
+def test_the_newest_arch_of_several_gpus_decides():
+    message = error_of(plan_for, [T4, H100], "ubuntu-22.04", cuda_version="11.7")
+    assert_names(message, "cuda_version", H100["name"], "11.8")
+    assert plan_for([T4, H100], "ubuntu-22.04", cuda_version="11.8")["cuda"] == "11.8"
+
+
+def test_unknown_cuda_version():
+    assert_names(error_of(plan_for, [H100], "ubuntu-22.04", cuda_version="12.99"),
+                 "cuda_version", "12.99", "13.0")
+
+
+def test_unknown_compute_capability():
+    gpu = {"name": "NVIDIA Future", "memory_mib": 1, "compute_cap": "99.0"}
+    assert_names(error_of(plan_for, [gpu], "ubuntu-24.04"), "gpu", "99.0", "compat.toml")
+
+
+def test_driver_branch_older_than_the_toolkit_needs():
+    message = error_of(plan_for, [H100], "ubuntu-24.04", driver_branch="570")
+    assert_names(message, "driver_branch", "570", "580.65.06")
+
+
+def test_driver_branch_pin_given_as_number():
+    assert plan_for([H100], "ubuntu-24.04", driver_branch=590)["driver_branch"] == "590"
+    assert_names(error_of(plan_for, [H100], "ubuntu-24.04", driver_branch=535), "driver_branch")
+
+
+def test_pinned_driver_branch_new_enough_is_used():
+    plan = plan_for([A10], "ubuntu-22.04", cuda_version="12.4", driver_branch="570")
+    assert (plan["cuda"], plan["driver_branch"], plan["keep_driver"]) == ("12.4", "570", False)
+
+
+@pytest.mark.parametrize("os_id", ["centos-7", "ubuntu-18.04", "debian-13", ""])
+def test_unsupported_os(os_id):
+    message = error_of(plan_for, [H100], os_id)
+    assert_names(message, "os", repr(os_id), "ubuntu-24.04")
+
+
+def test_cuda_not_packaged_for_the_os():
+    message = error_of(plan_for, [H100], "ubuntu-20.04", cuda_version="13.0")
+    assert_names(message, "cuda_version", "13.0", "ubuntu-20.04", "12.4")
+    # cuda-drivers-515 (CUDA 11.7) is absent from the Ubuntu 24.04 repo (UPSTREAM.md section 6).
+    assert_names(error_of(plan_for, [A10], "ubuntu-24.04", cuda_version="11.7"),
+                 "cuda_version", "ubuntu-24.04")
+
+
+def test_gpu_too_new_for_every_cuda_the_os_packages():
+    # No cuda_version pin could help: the error names the OS, its newest CUDA and the need.
+    message = error_of(plan_for, [B200], "ubuntu-20.04")
+    assert_names(message, "os", "'ubuntu-20.04'", "carries CUDA up to 12.4", B200["name"],
+                 "10.0", "12.8")
+    # A pin does not change that verdict.
+    assert_names(error_of(plan_for, [B200], "debian-11", cuda_version="12.4"), "os",
+                 "carries CUDA up to 12.4")
+    # An OS that carries CUDA new enough resolves.
+    assert plan_for([B200], "ubuntu-22.04")["cuda"] == "13.0"
+
+
+def test_installed_driver_that_satisfies_is_kept():
+    plan = plan_for([H100], "ubuntu-24.04", installed_driver="580.82.07")
+    assert plan["keep_driver"] is True
+    assert plan["driver_branch"] == "580"
+
+
+def test_installed_newer_driver_is_never_downgraded():
+    # Default branch for CUDA 12.4 is 550; a 570 driver is kept, not replaced by 550.
+    plan = plan_for([A10], "debian-11", installed_driver="570.133.20")
+    assert (plan["keep_driver"], plan["driver_branch"]) == (True, "570")
+    # Nor by a lower pinned branch that would itself be new enough.
+    plan = plan_for([A10], "debian-11", installed_driver="580.65.06", driver_branch="550")
+    assert (plan["keep_driver"], plan["driver_branch"]) == (True, "580")
+
+
+def test_installed_driver_too_old_is_replaced():
+    plan = plan_for([H100], "ubuntu-24.04", installed_driver="535.247.01")
+    assert (plan["keep_driver"], plan["driver_branch"]) == (False, "580")
+    # Same branch but below the toolkit's minimum: not kept either.
+    plan = plan_for([H100], "ubuntu-24.04", installed_driver="580.65.05")
+    assert (plan["keep_driver"], plan["driver_branch"]) == (False, "580")
+
+
+def test_exact_minimum_driver_is_kept():
+    # ubuntu-22.04 defaults to CUDA 13.0 now: pin 12.8 to test its minimum (570.26).
+    plan = plan_for([H100], "ubuntu-22.04", installed_driver="570.26", cuda_version="12.8")
+    assert plan["cuda"] == "12.8" and plan["keep_driver"] is True
+    assert plan["driver_branch"] == "570"
+    plan = plan_for([H100], "ubuntu-22.04", installed_driver="580.65.06")
+    assert (plan["cuda"], plan["keep_driver"], plan["driver_branch"]) == ("13.0", True, "580")
+    # Unpinned, 570.26 is below CUDA 13.0's minimum: replaced by branch 580.
+    plan = plan_for([H100], "ubuntu-22.04", installed_driver="570.26")
+    assert (plan["cuda"], plan["keep_driver"], plan["driver_branch"]) == ("13.0", False, "580")
+
+
+def test_cpu_only_host():
+    assert plan_for([], "ubuntu-24.04") == {"gpu": False, "torch_tag": "cpu"}
+    # No GPU: the OS does not matter, nothing of the GPU stack is planned.
+    assert plan_for([], "centos-7") == {"gpu": False, "torch_tag": "cpu"}
+
+
+def test_cudnn_pin_wins():
+    plan = plan_for([H100], "ubuntu-22.04", cuda_version="12.1", cudnn="libcudnn8=8.9.7.29-1+cuda12.2")
+    assert plan["cudnn"] == "libcudnn8=8.9.7.29-1+cuda12.2" and plan["torch_tag"] == "cu121"
+
+
+def test_version_tuple_and_os_key():
+    assert version_tuple("580.65.06") == (580, 65, 6)
+    assert version_tuple("570.26") > version_tuple("570.133")[:1]
+    assert os_key({"name": "Ubuntu", "major": 22, "minor": 4,
+                   "release_meta": {"ID": "ubuntu"}}) == "ubuntu-22.04"
+    assert os_key({"name": "Debian", "major": 12, "minor": None,
+                   "release_meta": {"ID": "debian"}}) == "debian-12"
+
+
+# ---------------------------------------------------------------- data/compat.toml
+
+# UPSTREAM.md section 6, CUDA release notes table 3.
+MIN_DRIVER = {"11.7": "515.43.04", "11.8": "520.61.05", "12.1": "530.30.02", "12.4": "550.54.14",
+              "12.8": "570.26", "13.0": "580.65.06"}
+
+
+@pytest.mark.parametrize("cuda", sorted(COMPAT["cuda"], key=version_tuple))
+def test_compat_cuda_row_is_consistent(cuda):
+    row = COMPAT["cuda"][cuda]
+    # The default branch's first release is <branch>.x: it must reach the toolkit's minimum.
+    assert version_tuple(row["min_driver"])[0] <= int(row["branch"]), row
+    assert row["min_driver"] == MIN_DRIVER[cuda]
+    assert row["torch_tag"] == "cu" + cuda.replace(".", "")
+    major = cuda.split(".")[0]
+    assert row["cudnn"].startswith("libcudnn8=") or row["cudnn"] == f"libcudnn9-cuda-{major}", row
+
+
+def test_compat_os_rows_are_consistent():
+    repos = {"ubuntu2004", "ubuntu2204", "ubuntu2404", "debian11", "debian12"}
+    assert {row["repo"] for row in COMPAT["os"].values()} == repos
+    for os_id, row in COMPAT["os"].items():
+        assert row["default_cuda"] in row["cudas"], os_id
+        assert set(row["cudas"]) <= set(COMPAT["cuda"]), os_id
+    assert "11.7" not in COMPAT["os"]["ubuntu-24.04"]["cudas"]  # no cuda-drivers-515 there
+
+
+def test_compat_default_is_the_newest_cuda_of_the_os():
+    for os_id, row in COMPAT["os"].items():
+        assert row["default_cuda"] == max(row["cudas"], key=version_tuple), os_id
+
+
+def test_compat_arch_rows():
+    assert COMPAT["arch"]["9.0"]["min_cuda"] == "11.8"
+    assert COMPAT["arch"]["8.9"]["min_cuda"] == "11.8"
+    assert COMPAT["arch"]["10.0"]["min_cuda"] == COMPAT["arch"]["12.0"]["min_cuda"] == "12.8"
+    # Every known architecture is served by some CUDA in the table.
+    newest = max(COMPAT["cuda"], key=version_tuple)
+    for cap, arch in COMPAT["arch"].items():
+        assert version_tuple(arch["min_cuda"]) <= version_tuple(newest), cap
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_settings_defaults():
+    s = settings_for(host_with())
+    assert s.host == HOST and s.variant == "auto" and s.kernel_headers is True
+    assert s.stage_list == list(STAGES)
+    assert s.cuda_repo_url == "https://developer.download.nvidia.com/compute/cuda/repos"
+
+
+def test_settings_coercions():
+    s = settings_for(host_with(cuda_version=12.4, driver_branch=580, stages="gpu, system"))
+    assert (s.cuda_version, s.driver_branch) == ("12.4", "580")
+    assert s.stage_list == ["gpu", "system"]
+
+
+def test_unknown_variant():
+    assert_names(error_of(settings_for, host_with(variant="int2")), "variant", "'int2'", "int4")
+
+
+def test_bool_given_as_string():
+    assert_names(error_of(settings_for, host_with(kernel_headers="false")), "kernel_headers",
+                 "'false'", "kernel_headers=False")
+    assert_names(error_of(settings_for, host_with(allow_reboot="yes")), "allow_reboot")
+
+
+def test_number_given_as_string():
+    assert_names(error_of(settings_for, host_with(gpu_memory_mib="81559")), "gpu_memory_mib")
+
+
+def test_bool_given_for_a_number():
+    assert_names(error_of(settings_for, host_with(smoke_max_new_tokens=True)), "smoke_max_new_tokens",
+                 "True", "integer")
+    assert_names(error_of(settings_for, host_with(gpu_memory_mib=False)), "gpu_memory_mib", "False")
+    assert settings_for(host_with(gpu_memory_mib=81559)).gpu_memory_mib == 81559
+
+
+@pytest.mark.parametrize("setting", ["pip_index_url", "cuda_repo_url", "weights_mirror", "code_url"])
+def test_malformed_url(setting):
+    message = error_of(settings_for, host_with(**{setting: "not a url", "weights_mode": "direct"}))
+    assert_names(message, setting, "'not a url'")
+
+
+def test_good_mirror_urls_pass():
+    s = settings_for(host_with(pip_index_url="https://pypi.tuna.tsinghua.edu.cn/simple",
+                               cuda_repo_url="http://10.0.0.5/cuda/repos/"))
+    assert s.pip_index_url.startswith("https://")
+
+
+def test_unknown_stage():
+    message = error_of(settings_for, host_with(stages="gpu,modle"))
+    assert_names(message, "stages", "modle", "cuda_libs")
+
+
+@pytest.mark.parametrize("stages", ["", " ", ",", " , "])
+def test_empty_stages(stages):
+    assert_names(error_of(settings_for, host_with(stages=stages)), "stages", "empty", "'all'")
+
+
+def test_mirror_mode_needs_a_mirror():
+    assert_names(error_of(settings_for, host_with(weights_mode="mirror")), "weights_mirror")
+
+
+def test_relative_install_dir():
+    assert_names(error_of(settings_for, host_with(install_dir="opt/chatglm")), "install_dir")
+
+
+def test_model_revisions_must_be_a_mapping():
+    assert_names(error_of(settings_for, host_with(model_revisions=COMMIT)), "model_revisions")
+
+
+def test_missing_requirements_lock():
+    assert_names(error_of(settings_for, host_with(requirements="nope")), "requirements")
+
+
+# ---------------------------------------------------------------- source_for
+
+
+def test_floating_revision_needs_allow_floating_revision():
+    s = settings_for(host_with(code_revision="main", model_revision=COMMIT))
+    message = error_of(source_for, s, "int4")
+    assert_names(message, "code_revision", "'main'", "trust_remote_code",
+                 "allow_floating_revision=True")
+
+
+def test_floating_model_revision_from_models_toml():
+    # models.toml ships no model commit: the host must pin one (or allow floating).
+    s = settings_for(host_with(code_revision=COMMIT))
+    message = error_of(source_for, s, "int8")
+    assert_names(message, "model_revision (data/models.toml)", "trust_remote_code")
+
+
+def test_floating_revision_allowed():
+    s = settings_for(host_with(code_revision="main", model_revision="v1.1.0",
+                               allow_floating_revision=True))
+    src = source_for(s, "int4")
+    assert (src["code_revision"], src["model_revision"]) == ("main", "v1.1.0")
+
+
+def test_source_for_pinned_and_mirrored():
+    other = "b" * 40
+    s = settings_for(host_with(code_revision=COMMIT, model_revision=COMMIT,
+                               model_revisions={"int4": other},
+                               model_url="https://hf-mirror.example/THUDM/{name}",
+                               seafile_url="https://seafile.lan/"))
+    src = source_for(s, "int4")
+    assert src["model_revision"] == other and src["code_revision"] == COMMIT
+    assert src["model_url"] == "https://hf-mirror.example/THUDM/chatglm-6b-int4"
+    assert src["share"] == "https://seafile.lan/d/674208019e314311ab5c/"
+    assert source_for(s, "int8")["model_revision"] == COMMIT
