@@ -27,7 +27,9 @@ from .rootfs import cache_dir, ensure_rootfs
 ROOT = Path(__file__).resolve().parent.parent
 LAB = Path(os.environ.get("CHATGLM_LAB_DIR", ROOT / ".lab"))
 STATE = LAB / "state.json"
-PORTS = {"seafile": 18080, "www": 18081, "git": 19418}
+# CHATGLM_LAB_PORT_OFFSET lets two labs (say, two worktrees) run side by side.
+OFFSET = int(os.environ.get("CHATGLM_LAB_PORT_OFFSET", "0"))
+PORTS = {"seafile": 18080 + OFFSET, "www": 18081 + OFFSET, "git": 19418 + OFFSET}
 # The real share tokens (UPSTREAM.md §5), served from loopback.
 SHARES = {"quantized": "674208019e314311ab5c", "fp16": "fb9f16d6dc8f482596c2"}
 DISTROS = ("debian11", "debian12", "ubuntu2004", "ubuntu2204", "ubuntu2404")
@@ -205,7 +207,7 @@ def up(n_hosts: int = 2, variants: dict | None = None, gpus: dict | None = None,
     for i in range(n_hosts):
         name = f"h{i + 1}"
         state["hosts"].append(labhosts.start_host(
-            name, labhosts.FIRST_PORT + i, rootfs, LAB, gpu=(gpus or {}).get(name)))
+            name, labhosts.FIRST_PORT + OFFSET + i, rootfs, LAB, gpu=(gpus or {}).get(name)))
         save_state(state)
     log(f"{n_hosts} hosts up in {time.time() - t0:.2f}s")
     return write_inventory(state, commits, variants or {}, extra)
