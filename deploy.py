@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pyinfra import host, inventory, state
 
-from operations import cuda_libs, gpu, kernel, model, pyenv, smoke, system
+from operations import cuda_libs, gpu, gpu_kernels, kernel, model, pyenv, smoke, system
 from operations.report import FleetReport
 from operations.settings import ROOT, settings_for, source_for
 from operations.system import MemoryBytes
@@ -81,6 +81,12 @@ if "model" in stages:
     if "kernel" in stages and variant in ("int4", "int8"):
         kernel.build(name="Kernel: build the CPU quantization kernel", model_dir=model_dir)
         kernel.patch_quantization(name="Kernel: patch quantization.py", model_dir=model_dir)
+        caps = gpu_kernels.needs_own_kernels(plan)
+        if caps and s.build_gpu_kernels:
+            gpu_kernels.build(name="Kernel: build GPU kernels for this GPU", model_dir=model_dir,
+                              caps=caps)
+            gpu_kernels.patch(name="Kernel: quantization.py loads the GPU kernels",
+                              model_dir=model_dir, caps=caps)
 
     if "smoke" in stages and s.smoke_test:
         device = "cuda" if plan["gpu"] else "cpu"

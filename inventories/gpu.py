@@ -43,6 +43,13 @@ GPU stack (resolved from data/compat.toml when unset):
     cudnn=""                  apt spec, e.g. "libcudnn8=8.9.7.29-1+cuda12.2"
     cuda_repo_url="https://developer.download.nvidia.com/compute/cuda/repos"  (a mirror)
     allow_reboot=False        reboot to cure a driver/library version mismatch
+    kernel_headers=True       install linux-headers for the running kernel (DKMS needs them)
+    secure_boot_module_signed=False   a MOK is enrolled and DKMS signs the module
+    gpu_compute_cap=""        for a GPU whose PCI id is not in data/compat.toml [pci]
+    gpu_memory_mib=0          ... and its memory
+    build_gpu_kernels=True    build int4/int8 GPU kernels on hosts whose GPU upstream's
+                              embedded kernels do not cover (sm_90 and newer)
+    stages="all"              or a comma list of gpu,system,python,cuda_libs,model,kernel,smoke
 
 Smoke test and report:
     smoke_test=True           run a chat on every host, bring the figures back
