@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pyinfra import host, inventory, state
 
-from operations import cuda_libs, gpu, gpu_kernels, kernel, model, pyenv, smoke, system
+from operations import cuda_libs, gpu, gpu_kernels, kernel, model, pyenv, pyplan, smoke, system
 from operations.report import FleetReport
 from operations.settings import ROOT, settings_for, source_for
 from operations.system import MemoryBytes
@@ -55,9 +55,12 @@ if "gpu" in stages and plan["gpu"]:
                allow_reboot=s.allow_reboot)
 
 if "python" in stages:
-    pyenv.venv(name="Python: venv with pinned requirements", s=s)
-    pyenv.verify(name="Python: verify torch/transformers/cpm_kernels", s=s,
-                 expect_cuda=plan["gpu"])
+    py = pyplan.python_plan(s, plan)  # SettingError before any change, like the GPU plan
+    if py["backend"] == "conda":
+        pyenv.conda(name="Python: conda installed (sha256-checked), .condarc", py=py)
+    pyenv.env(name="Python: env with the planned Python, pip.conf", py=py)
+    pyenv.packages(name="Python: torch for the resolved CUDA and the pinned requirements", py=py)
+    pyenv.verify(name="Python: verify torch/transformers/cpm_kernels", py=py)
 
 if "cuda_libs" in stages and plan["gpu"]:
     cuda_libs.expose(name="CUDA libs: link where cpm_kernels looks", plan=plan)

@@ -31,11 +31,28 @@ Weights (Tsinghua cloud Seafile shares, data/models.toml):
     weights_share_path=""     folder inside that share ("{name}" allowed)
     weights_mirror=""         base URL for weights_mode="mirror"
 
-Python:
-    python_backend="venv"     venv (conda arrives with its own issue)
-    python="python3"          interpreter that creates the venv
-    requirements="chatglm-cpu"    lock file in data/requirements/ (without .txt)
+Python (data/python.toml holds the installer and torch pins):
+    python_backend="conda"    conda: Miniforge (or Miniconda) in conda_dir, env envs/chatglm |
+                              venv: install_dir/venv made by the host's own `python`
+    python_version=""         conda env's Python; "" = the newest the lock and torch share (3.11)
+    python="python3"          interpreter that creates the venv (venv backend)
+    venv_system_site_packages=False  the venv sees the system Python's packages (its torch):
+                              with requirements="chatglm-py312-system-torch" on a Python 3.12
+                              host that brings a CUDA torch
+    requirements="chatglm-cpu"    lock file in data/requirements/ (without .txt), or a path
     pip_index_url=""          a PyPI mirror, e.g. https://pypi.tuna.tsinghua.edu.cn/simple/
+                              (also written to <env>/pip.conf)
+    torch_index_url=""        PEP 503 index for torch; "{tag}" becomes cpu/cu121/...
+                              ("" = https://download.pytorch.org/whl/{tag})
+    torch_version=""          another torch release for the resolved build
+    conda_dir=""              "" = install_dir/conda
+    conda_installer=""        miniforge (default) | miniconda
+    conda_installer_url=""    a mirror of the installer (the pinned sha256 still applies when
+                              the file name is the same) ...
+    conda_installer_sha256="" ... or a different installer with its sha256
+    conda_channels=""         comma-separated ("" = conda-forge for Miniforge, defaults for Miniconda)
+    conda_mirror=""           e.g. https://mirrors.tuna.tsinghua.edu.cn/anaconda: .condarc maps
+                              the default and conda-forge/pytorch/nvidia channels onto it
 
 GPU stack (resolved from data/compat.toml when unset):
     cuda_version=""           e.g. "12.4"; must suit the GPU (H100 needs >= 11.8)

@@ -153,6 +153,9 @@ def write_inventory(state: dict, commits: dict, variants: dict, extra: dict | No
         "ssh_look_for_keys": False, "ssh_allow_agent": False,
         "install_dir": "/opt/chatglm",
         "pip_index_url": f"http://127.0.0.1:{PORTS['www']}/pypi/simple/",
+        # Conda channels and PyTorch's wheel indexes are out of reach: a venv, torch from the index.
+        "python_backend": "venv",
+        "torch_index_url": f"http://127.0.0.1:{PORTS['www']}/pypi/simple/",
         "code_url": f"git://127.0.0.1:{PORTS['git']}/THUDM/ChatGLM-6B",
         "code_revision": commits["ChatGLM-6B"],
         "model_url": f"git://127.0.0.1:{PORTS['git']}/THUDM/{{name}}",

@@ -1,7 +1,15 @@
-"""The Python environment on each host: a venv holding the pinned ChatGLM requirements."""
+"""The Python environment on each host: a conda env (Miniforge/Miniconda) or a venv, torch
+built for the resolved CUDA, the pinned ChatGLM requirements, and a check that it imports.
+
+The plan (which Python, which torch, which lock) comes from operations/pyplan.py; these
+operations compare it with facts read from the host and change only what differs, so a
+changed pin is applied on the next run and a second run changes nothing.
+"""
 
 import json
 from io import StringIO
+
+import jinja2
 
 from pyinfra import host
 from pyinfra.api import FactBase, StringCommand, operation
@@ -9,31 +17,30 @@ from pyinfra.api.command import QuoteString
 from pyinfra.operations import files
 
 from .common import fail
-from .settings import DATA, Settings
+from .pyplan import normalize, version_key
+from .settings import ROOT
+
+TEMPLATES = ROOT / "templates"
+PIP = ("-m", "pip", "install", "--no-input", "--progress-bar", "off", "--disable-pip-version-check")
 
 VERIFY = (
     "import json, torch, transformers, cpm_kernels; "
     "print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, "
     "'cuda_available': torch.cuda.is_available(), 'transformers': transformers.__version__}))"
 )
-
-
-def read_lock(name: str) -> dict:
-    pins = {}
-    for line in (DATA / "requirements" / f"{name}.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if "==" in line:
-            pkg, version = line.split("==", 1)
-            pins[normalize(pkg)] = version.split(";")[0].strip()
-    return pins
-
-
-def normalize(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
+ENV_INFO = (
+    "import json, os, sys; cfg = os.path.join(sys.prefix, 'pyvenv.cfg'); "
+    "lines = open(cfg).read().splitlines() if os.path.exists(cfg) else []; "
+    "flag = [l.split('=', 1)[1].strip() for l in lines if l.replace(' ', '').startswith("
+    "'include-system-site-packages=')]; "
+    "print(json.dumps({'version': '%d.%d' % sys.version_info[:2], 'venv': bool(lines), "
+    "'system_site_packages': flag[0] == 'true' if flag else None}))"
+)
 
 
 class PipFreeze(FactBase):
-    """Installed distributions of a venv as {normalized name: version}; None if no venv."""
+    """Installed distributions of an environment as {normalized name: version}; None if
+    the environment has no python."""
 
     def command(self, venv):
         return f"[ -x {venv}/bin/python ] && {venv}/bin/python -m pip freeze --all 2>/dev/null || echo NOVENV"
@@ -53,13 +60,62 @@ class PipFreeze(FactBase):
         return pins
 
 
+class EnvPython(FactBase):
+    """The environment's Python: {"version": "3.11", "venv": bool, "system_site_packages":
+    bool or None (not a venv)}; None when env/bin/python is missing or broken."""
+
+    def command(self, env):
+        return (f"[ -x {env}/bin/python ] && {env}/bin/python -c \"{ENV_INFO}\" 2>/dev/null "
+                "|| echo null")
+
+    @staticmethod
+    def default():
+        return None
+
+    def process(self, output):
+        return json.loads(output[-1])
+
+
+class Interpreter(FactBase):
+    """'3.11' for the interpreter that creates the venv, None when it is not there."""
+
+    def command(self, python):
+        return (f"command -v {python} >/dev/null 2>&1 && {python} -c "
+                "'import sys; print(\"%d.%d\" % sys.version_info[:2])' 2>/dev/null || echo none")
+
+    @staticmethod
+    def default():
+        return None
+
+    def process(self, output):
+        value = output[-1].strip()
+        return None if value == "none" else value
+
+
+class CondaInstall(FactBase):
+    """{"state": "installed" | "partial" | "absent", "version": "24.11.3"} of a conda prefix;
+    partial: the directory exists without bin/conda (an interrupted install)."""
+
+    def command(self, prefix):
+        return (f"if [ -x {prefix}/bin/conda ]; then echo \"installed $({prefix}/bin/conda --version "
+                f"2>/dev/null)\"; elif [ -e {prefix} ]; then echo partial; else echo absent; fi")
+
+    @staticmethod
+    def default():
+        return {"state": "absent", "version": ""}
+
+    def process(self, output):
+        words = output[-1].split()
+        return {"state": words[0], "version": words[-1] if len(words) > 2 else ""}
+
+
 class PythonStack(FactBase):
-    """What the venv imports: torch, its CUDA, transformers; {"error": ...} on failure."""
+    """What the environment imports: torch, its CUDA, transformers; {"error": ...} on failure."""
 
     def command(self, venv):
-        return (f"[ -x {venv}/bin/python ] || {{ echo '{{\"error\": \"no venv\"}}'; exit 0; }}; "
+        return (f"[ -x {venv}/bin/python ] || {{ echo '{{\"error\": \"no Python environment\"}}'; exit 0; }}; "
                 f"{venv}/bin/python -W ignore -c \"{VERIFY}\" 2>/tmp/.chatglm-verify.err "
-                "| tail -1 || python3 -c 'import json; "
+                "| tail -1 | grep . || python3 -c 'import json; "
                 "print(json.dumps({\"error\": open(\"/tmp/.chatglm-verify.err\").read()[-400:]}))'")
 
     @staticmethod
@@ -70,62 +126,200 @@ class PythonStack(FactBase):
         return json.loads(output[-1])
 
 
-def _torch_pin(lock: dict, torch_tag: str) -> str:
-    base = lock["torch"].split("+")[0]
-    return base if torch_tag == "cpu" else f"{base}+{torch_tag}"
+def render(template: str, **data) -> StringIO:
+    """A templates/ file rendered with jinja2 (as files.template would, block tags trimmed)."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             trim_blocks=True, lstrip_blocks=True)
+    return StringIO(env.from_string((TEMPLATES / template).read_text()).render(**data))
 
 
 @operation()
-def venv(s: Settings):
+def conda(py: dict):
     """
-    Create the venv and install the pinned requirements into it.
+    Install Miniforge or Miniconda unattended, checked against its sha256, and its .condarc.
 
-    + s: the host's settings (install_dir, python, requirements, pip_index_url)
+    + py: the host's Python plan (operations.pyplan.python_plan), with py["conda"] holding
+      prefix, url, sha256, file (where the installer is downloaded), channels, mirror
+
+    The installer runs only when the prefix holds no conda; a prefix that exists without
+    bin/conda fails the host instead of being overwritten. .condarc lists the channels and,
+    when conda_mirror is set, maps default and custom channels onto the mirror.
     """
-    lock_text = (DATA / "requirements" / f"{s.requirements}.txt").read_text()
-    yield from files.directory._inner(path=s.install_dir, mode="755")
-    yield from files.put._inner(src=StringIO(lock_text), dest=f"{s.install_dir}/requirements.lock",
-                                mode="644")
-
-    installed = host.get_fact(PipFreeze, venv=s.venv)
-    if installed is None:
-        yield StringCommand(s.python, "-m", "venv", QuoteString(s.venv))
-        installed = {}
-
-    wanted = read_lock(s.requirements)
-    drift = sorted(f"{k}=={v}" for k, v in wanted.items()
-                   if installed.get(k, "").split("+")[0] != v.split("+")[0])
-    if not drift:
-        host.noop(f"venv {s.venv} matches the {len(wanted)} pins of {s.requirements}")
+    c = py["conda"]
+    prefix = c["prefix"]
+    yield from files.directory._inner(path=py["install_dir"], mode="755")
+    found = host.get_fact(CondaInstall, prefix=prefix)
+    if found["state"] == "partial":
+        yield fail(f"{prefix} exists but holds no bin/conda (an interrupted install?); "
+                   f"Fix: remove {prefix}, or set conda_dir to another directory")
         return
-    index = ["--index-url", QuoteString(s.pip_index_url)] if s.pip_index_url else []
-    # --no-deps: the lock is complete, so pip must not resolve anything beyond it.
-    yield StringCommand(f"{s.venv}/bin/python", "-m", "pip", "install", "--no-deps",
-                        "--no-input", "--progress-bar", "off", "--disable-pip-version-check",
-                        *index, "-r", f"{s.install_dir}/requirements.lock")
+    if found["state"] == "absent":
+        yield StringCommand("curl", "-fsSL", "--retry", "3", "-o", QuoteString(c["file"]),
+                            QuoteString(c["url"]))
+        message = (f"ERROR: {c['url']} has sha256 $got, not the pinned {c['sha256']}; Fix: check "
+                   "the mirror, or set conda_installer_sha256 to the sha256 published with the release")
+        yield StringCommand("sh", "-c", QuoteString(
+            f"got=$(sha256sum {c['file']} | cut -c1-64); [ \"$got\" = {c['sha256']} ] "
+            f"|| {{ rm -f {c['file']}; echo \"{message}\" >&2; exit 1; }}"))
+        yield StringCommand("bash", QuoteString(c["file"]), "-b", "-p", QuoteString(prefix))
+        yield StringCommand("rm", "-f", QuoteString(c["file"]))
+    else:
+        host.noop(f"conda {found['version']} in {prefix}")
+    yield from files.put._inner(
+        src=render("condarc.j2", prefix=prefix, channels=c["channels"], mirror=c["mirror"]),
+        dest=f"{prefix}/.condarc", mode="644")
+
+
+@operation()
+def env(py: dict):
+    """
+    Create the conda env or the venv with the planned Python; recreate it when that changed.
+
+    + py: the host's Python plan: backend, env, python_version (conda), interpreter and
+      system_site_packages (venv), pythons (the versions the lock and torch support), index
+
+    A venv is made by the host's interpreter, which must be a Python the lock has wheels
+    for, else the host fails with the fix. Writes <env>/pip.conf when pip_index_url is
+    set (pip in the env then uses the mirror), removes it when not.
+    """
+    target = py["env"]
+    have = host.get_fact(EnvPython, env=target)
+    if py["backend"] == "conda":
+        conda_bin = f"{py['conda']['prefix']}/bin/conda"
+        if have is not None and have["version"] != py["python_version"]:
+            yield StringCommand(conda_bin, "remove", "-y", "-q", "--all", "-p", QuoteString(target))
+            have = None
+        if have is None:
+            yield StringCommand(conda_bin, "create", "-y", "-q", "-p", QuoteString(target),
+                                f"python={py['python_version']}", "pip")
+        else:
+            host.noop(f"conda env {target} has Python {have['version']}")
+    else:
+        interpreter = host.get_fact(Interpreter, python=py["interpreter"])
+        if interpreter is None:
+            yield fail(f"no interpreter {py['interpreter']!r} on the host to create the venv; "
+                       "Fix: install it (python3 and python3-venv), set python to one that "
+                       "exists, or use python_backend='conda'")
+            return
+        if py["pythons"] and interpreter not in py["pythons"]:
+            newest = max(py["pythons"], key=version_key)
+            fixes = [f"set python to a Python {newest} interpreter"]
+            if py["torch"]:
+                fixes.append(f"use python_backend='conda' (it brings Python {newest})")
+            if interpreter == "3.12" and py["lock_name"] != "chatglm-py312-system-torch":
+                fixes.append("with the system's own torch: requirements='chatglm-py312-system-torch' "
+                             "and venv_system_site_packages=True")
+            why = (" (ChatGLM-6B needs transformers <= 4.33, whose tokenizers 0.13 has no wheels "
+                   "past 3.11)" if "3.12" not in py["pythons"] else "")
+            yield fail(f"{py['interpreter']} is Python {interpreter}, but the lock "
+                       f"{py['lock_name']!r} has wheels for Python {', '.join(py['pythons'])} "
+                       f"only{why}; Fix: {', or '.join(fixes)}")
+            return
+        flags = ["--system-site-packages"] if py["system_site_packages"] else []
+        if have is not None and (have["version"] != interpreter or not have["venv"]):
+            yield StringCommand("rm", "-rf", QuoteString(target))
+            have = None
+        if have is None:
+            yield StringCommand(py["interpreter"], "-m", "venv", *flags, QuoteString(target))
+        elif have["system_site_packages"] != py["system_site_packages"]:
+            # --upgrade rewrites pyvenv.cfg (the flag) and keeps the installed packages.
+            yield StringCommand(py["interpreter"], "-m", "venv", "--upgrade", *flags,
+                                QuoteString(target))
+        else:
+            host.noop(f"venv {target} has Python {have['version']}"
+                      f"{' with the system site-packages' if have['system_site_packages'] else ''}")
+    if py["index"]:
+        yield from files.put._inner(
+            src=render("pip.conf.j2", env=target, index=py["index"], trusted_host=py["trusted_host"]),
+            dest=f"{target}/pip.conf", mode="644")
+    else:
+        yield from files.file._inner(path=f"{target}/pip.conf", present=False)
+
+
+@operation()
+def packages(py: dict):
+    """
+    Install torch for the planned build and every pin of the lock file into the env.
+
+    + py: the host's Python plan: python, torch ("2.5.1+cu121", None for the system's),
+      torch_index, torch_deps, lock_text, pins, index
+
+    torch comes from its own index (the PyTorch wheel index of the resolved CUDA, or a
+    mirror); a CUDA build brings its nvidia-* wheels from there. The rest of the lock is
+    installed with --no-deps, so nothing beyond the lock is resolved. Only what differs
+    from the pins is installed: a changed pin is applied on the next run.
+    """
+    lock_file = f"{py['install_dir']}/requirements.lock"
+    yield from files.directory._inner(path=py["install_dir"], mode="755")
+    yield from files.put._inner(src=StringIO(py["lock_text"]), dest=lock_file, mode="644")
+    installed = host.get_fact(PipFreeze, venv=py["env"]) or {}
+    index = ["--index-url", QuoteString(py["index"])] if py["index"] else []
+    changed = False
+    if py["torch"] and installed.get("torch") != py["torch"]:
+        extra = (["--extra-index-url", QuoteString(py["index"])]
+                 if py["index"] and py["index"] != py["torch_index"] else [])
+        yield StringCommand(py["python"], *PIP, *([] if py["torch_deps"] else ["--no-deps"]),
+                            "--index-url", QuoteString(py["torch_index"]), *extra,
+                            f"torch=={py['torch']}")
+        changed = True
+    drift = sorted(name for name, version in py["pins"].items()
+                   if installed.get(name, "").split("+")[0] != version.split("+")[0])
+    if drift:
+        # --no-deps: the lock is complete, so pip must not resolve anything beyond it.
+        yield StringCommand(py["python"], *PIP, "--no-deps", *index, "-r", lock_file)
+        changed = True
+    if not changed:
+        torch = f"torch {py['torch']}, " if py["torch"] else "the system's torch, "
+        host.noop(f"{py['env']} has {torch}and the {len(py['pins'])} pins of {py['lock_name']}")
+
+
+def _cuda_ok(have: str | None, expect: str | None, installed_by_us: bool) -> bool:
+    if expect is None or have is None:
+        return have == expect if installed_by_us else expect is None
+    if installed_by_us:
+        return version_key(have)[:2] == version_key(expect)[:2]
+    # The system's torch: same CUDA major, not newer than the toolkit and driver planned.
+    return version_key(have)[0] == version_key(expect)[0] and version_key(have) <= version_key(expect)
 
 
 @operation(is_idempotent=False)
-def verify(s: Settings, expect_cuda: bool):
+def verify(py: dict):
     """
-    Import torch, transformers and cpm_kernels in the venv; fail the host on a mismatch.
+    Import torch, transformers and cpm_kernels in the env; fail the host on a mismatch.
 
-    + s: the host's settings
-    + expect_cuda: whether the resolver planned a CUDA torch for this host
+    + py: the host's Python plan: torch (the version expected, None: the system's), expect_cuda
+      (the CUDA torch must be built for, None on CPU hosts), gpu (CUDA must be available),
+      pins (transformers)
     """
     if not host.state.is_executing:
         host.noop("checked after the install, at execution")
         return
-    stack = host.get_fact(PythonStack, venv=s.venv)
+    stack = host.get_fact(PythonStack, venv=py["env"])
     if "error" in stack:
-        yield fail(f"the venv {s.venv} cannot import torch/transformers/cpm_kernels: "
-                             f"{stack['error']}")
+        yield fail(f"{py['env']} cannot import torch/transformers/cpm_kernels: {stack['error'].strip()}")
         return
-    if stack["cuda_available"] != expect_cuda:
+    want_torch = py["torch"]
+    if want_torch and stack["torch"] != want_torch:
+        yield fail(f"{py['env']} imports torch {stack['torch']}, not the planned {want_torch}; "
+                   "Fix: check torch_index_url serves that build, and rerun")
+        return
+    if not _cuda_ok(stack["cuda"], py["expect_cuda"], bool(want_torch)):
+        expected = f"CUDA {py['expect_cuda']}" if py["expect_cuda"] else "a CPU build"
+        yield fail(f"torch {stack['torch']} is built for "
+                   f"{'CUDA ' + stack['cuda'] if stack['cuda'] else 'CPU only'}, but the resolver "
+                   f"planned {expected} ({py['torch_tag']}); Fix: install the {py['torch_tag']} build "
+                   "(torch_index_url) or pin cuda_version to the CUDA this torch was built for")
+        return
+    if stack["cuda_available"] != py["gpu"]:
         yield fail(
             f"torch {stack['torch']} reports cuda_available={stack['cuda_available']} but the "
-            f"resolver planned {'a CUDA' if expect_cuda else 'a CPU'} build; check the driver "
+            f"resolver planned {'a CUDA' if py['gpu'] else 'a CPU'} host; check the driver "
             "(nvidia-smi) and the torch wheel index")
+        return
+    want_tf = py["pins"].get("transformers")
+    if want_tf and stack["transformers"] != want_tf:
+        yield fail(f"{py['env']} imports transformers {stack['transformers']}, not the pinned "
+                   f"{want_tf} (a package outside the env shadows it?)")
         return
     host.noop(f"torch {stack['torch']} (CUDA {stack['cuda']}), transformers "
               f"{stack['transformers']}: as planned")

@@ -34,10 +34,20 @@ class Settings:
     host: str
     variant: str = "auto"
     install_dir: str = "/opt/chatglm"
-    python_backend: str = "venv"
+    python_backend: str = "conda"
     python: str = "python3"
+    python_version: str = ""
     requirements: str = "chatglm-cpu"
     pip_index_url: str = ""
+    torch_index_url: str = ""
+    torch_version: str = ""
+    venv_system_site_packages: bool = False
+    conda_dir: str = ""
+    conda_installer: str = ""
+    conda_installer_url: str = ""
+    conda_installer_sha256: str = ""
+    conda_channels: str = ""
+    conda_mirror: str = ""
     code_url: str = ""
     code_revision: str = ""
     model_url: str = ""
@@ -73,7 +83,14 @@ class Settings:
 
     @property
     def venv(self) -> str:
+        """The Python environment's prefix (its bin/python runs the model), either backend."""
+        if self.python_backend == "conda":
+            return f"{self.conda_prefix}/envs/chatglm"
         return f"{self.install_dir}/venv"
+
+    @property
+    def conda_prefix(self) -> str:
+        return self.conda_dir.rstrip("/") or f"{self.install_dir}/conda"
 
     @property
     def code_dir(self) -> str:
@@ -120,9 +137,6 @@ def settings_for(host) -> Settings:
     if s.variant not in (*VARIANTS, "auto"):
         raise SettingError(host.name, "variant", f"= {s.variant!r} is unknown",
                            "use one of 'fp16', 'int8', 'int4' or 'auto'")
-    if s.python_backend not in ("venv",):
-        raise SettingError(host.name, "python_backend", f"= {s.python_backend!r} is not supported",
-                           "use 'venv'")
     unknown = set(s.stage_list) - set(STAGES)
     if unknown:
         raise SettingError(host.name, "stages", f"names unknown stages {sorted(unknown)}",
@@ -135,10 +149,10 @@ def settings_for(host) -> Settings:
     if s.weights_mode == "mirror" and not s.weights_mirror:
         raise SettingError(host.name, "weights_mirror", "is empty while weights_mode='mirror'",
                            "set weights_mirror to the LAN HTTP URL holding the weight files")
-    if not (DATA / "requirements" / f"{s.requirements}.txt").exists():
-        raise SettingError(host.name, "requirements", f"= {s.requirements!r} names no lock file",
-                           f"use the name of a file in {DATA / 'requirements'} (without .txt)")
-    for name in ("pip_index_url", "weights_share", "seafile_url", "weights_mirror", "code_url", "model_url",
+    from .pyplan import check_settings  # the Python settings (backend, lock, mirrors)
+
+    check_settings(s)
+    for name in ("weights_share", "seafile_url", "weights_mirror", "code_url", "model_url",
                  "cuda_repo_url"):
         if getattr(s, name):
             _check_url(host.name, name, getattr(s, name))

@@ -20,18 +20,21 @@ def pytest_collection_modifyitems(items):
 H100 = {"name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559, "compute_cap": "9.0",
         "pci": "00000000:01:00.0", "device_id": "0x2330"}
 # h1-h3: CPU hosts. h4-h8: simulated H100 hosts for the GPU stack, one scenario each.
-HOSTS = ["h1", "h2", "h3", "h4", "h5", "h6", "h7", "h8"]
+# h9 (CPU) and h10 (simulated H100, no driver): the system and Python stages only.
+HOSTS = ["h1", "h2", "h3", "h4", "h5", "h6", "h7", "h8", "h9", "h10"]
 GPUS = {
     "h4": {"gpus": [H100], "kernel_module_version": "580.95.05"},   # fresh install
     "h5": {"gpus": [H100], "kernel_module_version": "570.195.03"},  # old module still loaded
     "h6": {"gpus": [H100], "kernel_module_version": "580.95.05"},   # driver outside ld.so cache
     "h7": {"gpus": [H100], "kernel_module_version": "570.195.03"},  # pinned 570 + CUDA 12.8
     "h8": {"gpus": [H100], "secure_boot": True},                     # Secure Boot, no module
+    "h10": {"gpus": [H100]},                                          # no driver yet
 }
 GPU_STAGES = {"stages": "system,gpu,cuda_libs", "kernel_headers": False,
               "python": "/opt/lookup/bin/python"}
 GPU_DATA = {h: dict(GPU_STAGES) for h in GPUS}
 GPU_DATA["h7"].update(driver_branch="570", cuda_version="12.8")
+GPU_DATA.update(h9={"stages": "system,python"}, h10={"stages": "system,python"})
 
 
 class Lab:
