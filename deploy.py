@@ -54,8 +54,8 @@ if "gpu" in stages and plan["gpu"]:
     gpu.module(name="GPU: kernel module matches driver libraries", plan=plan,
                allow_reboot=s.allow_reboot)
 
-if "python" in stages:
-    py = pyplan.python_plan(s, plan)  # SettingError before any change, like the GPU plan
+py = pyplan.python_plan(s, plan) if "python" in stages else None  # checked before any change
+if py:
     if py["backend"] == "conda":
         pyenv.conda(name="Python: conda installed (sha256-checked), .condarc", py=py)
     pyenv.env(name="Python: env with the planned Python, pip.conf", py=py)
@@ -65,7 +65,7 @@ if "python" in stages:
 if "cuda_libs" in stages and plan["gpu"]:
     cuda_libs.expose(name="CUDA libs: link where cpm_kernels looks", plan=plan)
     cuda_libs.check(name="CUDA libs: cpm_kernels' own lookup",
-                    python=f"{s.venv}/bin/python" if "python" in stages else s.python)
+                    python=py["python"] if py else s.python)
 
 if "model" in stages:
     if s.variant == "auto":
