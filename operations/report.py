@@ -257,3 +257,30 @@ class FleetReport(BaseStateCallback):
                 self._resolve(state, name)
             path = write(self.report_dir, self.failures, self.hosts)
             print(f"\n--> Fleet report: {path} (chart: {path.with_suffix('.svg')})\n")
+
+
+def merge(report_dir: Path, parts: dict[str, Path]) -> Path:
+    """One report from the reports of several runs (say, one per variant on one @local
+    host): host H of the run labelled L is listed as 'H-L'. Returns fleet.md's path."""
+    failures, names = {}, []
+    (report_dir / "hosts").mkdir(parents=True, exist_ok=True)
+    for label, part in parts.items():
+        data = json.loads((Path(part) / "fleet.json").read_text())
+        for name, r in data["hosts"].items():
+            new = f"{name}-{label}"
+            names.append(new)
+            if name in data["failed"]:
+                failures[new] = {**data["failed"][name], "result": r}
+            elif r:
+                (report_dir / "hosts" / f"{new}.json").write_text(json.dumps(r, ensure_ascii=False))
+    return write(report_dir, failures, names)
+
+
+if __name__ == "__main__":
+    import sys
+
+    # python -m operations.report merge OUT_DIR LABEL=DIR [LABEL=DIR ...]
+    if len(sys.argv) < 4 or sys.argv[1] != "merge":
+        sys.exit("usage: python -m operations.report merge OUT_DIR LABEL=DIR [LABEL=DIR ...]")
+    out = merge(Path(sys.argv[2]), dict(arg.split("=", 1) for arg in sys.argv[3:]))
+    print(f"--> Fleet report: {out} (chart: {out.with_suffix('.svg')})")

@@ -221,3 +221,27 @@ def test_host_log_keeps_each_hosts_warnings_and_errors():
 
 def test_templates_exist_where_the_operations_look():
     assert smoke.TEMPLATE.exists() and (ROOT / "templates" / "fleet_chart.svg.j2").exists()
+
+
+def test_merge_lists_each_run_of_one_host_as_its_own_row(tmp_path):
+    """tools/h100_full_deploy.sh: fp16 then int4 on @local, one report for both."""
+    for variant, failures in (("fp16", {}), ("int4", {"@local": {"stage": "Smoke: chat test",
+                                                                   "error": "smoke test: RuntimeError: no kernel"}})):
+        part = tmp_path / f"h100-{variant}"
+        (part / "hosts").mkdir(parents=True)
+        result = _result(variant, 2.0, 1.0, ok=not failures, device="cuda")
+        if failures:
+            failures["@local"]["result"] = result
+        else:
+            (part / "hosts" / "@local.json").write_text(json.dumps(result))
+        report.write(part, failures, ["@local"])
+    out = report.merge(tmp_path / "all", {"fp16": tmp_path / "h100-fp16", "int4": tmp_path / "h100-int4"})
+    md = out.read_text()
+    assert "| @local-fp16 | fp16 | cuda | 1.00 |" in md and md.count("| ok |") == 1
+    assert "| @local-int4 | int4 | cuda | 1.00 |" in md
+    assert "| @local-int4 | Smoke: chat test | smoke test: RuntimeError: no kernel |" in md
+    assert (tmp_path / "all" / "fleet.svg").exists()
+    cli = subprocess.run([sys.executable, "-m", "operations.report", "merge", str(tmp_path / "cli"),
+                          f"fp16={tmp_path / 'h100-fp16'}"], cwd=ROOT, capture_output=True, text=True)
+    assert cli.returncode == 0 and "Fleet report:" in cli.stdout
+    assert "| @local-fp16 | fp16 |" in (tmp_path / "cli" / "fleet.md").read_text()
