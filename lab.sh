@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian 12 machine for the lab (as root), then run one of:
-#   ./lab.sh demo    the deploy against two throwaway local hosts, run twice, with its report
+#   ./lab.sh demo    the deploy against three throwaway local hosts, run twice, with its report
 #   ./lab.sh test    the test suite (what CI runs)
 #   ./lab.sh up|down|status
 set -euo pipefail

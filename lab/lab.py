@@ -238,9 +238,10 @@ def pyinfra(inventory: Path, *args: str, check: bool = True) -> subprocess.Compl
     return subprocess.run(cmd, cwd=ROOT, check=check)
 
 
-def demo(n_hosts: int = 2):
+def demo(n_hosts: int = 3):
     t0 = time.time()
-    inventory = up(n_hosts, variants={"h2": "int8"} if n_hosts > 1 else {})
+    # h1 'auto' (int4 on a CPU host), h2 int8, h3 fp16: every variant once.
+    inventory = up(n_hosts, variants={"h2": "int8", "h3": "fp16"})
     t1 = time.time()
     log(f"deploying to {n_hosts} hosts: pyinfra -y {inventory} deploy.py")
     pyinfra(inventory)
@@ -252,7 +253,7 @@ def demo(n_hosts: int = 2):
     if report.exists():
         print(report.read_text())
     log(f"lab up {t1 - t0:.1f}s, first deploy {t2 - t1:.1f}s, rerun {t3 - t2:.1f}s")
-    log(f"report: {report}; hosts stay up (ssh via {inventory}); `python -m lab down` stops them")
+    log(f"report: {report} (chart: {report.with_suffix('.svg')}); hosts stay up (ssh via {inventory}); `python -m lab down` stops them")
 
 
 def main(argv=None):
@@ -266,7 +267,7 @@ def main(argv=None):
     sub.add_parser("down")
     sub.add_parser("status")
     p_demo = sub.add_parser("demo")
-    p_demo.add_argument("--hosts", type=int, default=2)
+    p_demo.add_argument("--hosts", type=int, default=3)
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("the lab needs root (mounts, namespaces)")

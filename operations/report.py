@@ -1,88 +1,286 @@
-"""The fleet report: every host's smoke-test figures in one Markdown page, written on
-the control machine at the end of a run (and after a failure), failed hosts included."""
+"""The fleet report: every host's smoke-test figures in one Markdown page and one chart,
+written on the control machine at the end of a run (and after a failure), failed hosts
+listed with the stage they stopped at and the error they stopped with."""
 
 import json
+import logging
+import re
 from pathlib import Path
 
+import jinja2
 from pyinfra.api import BaseStateCallback
 
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+RESULT_PREFIX = "SMOKE-RESULT "
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-def _gb(value):
+# Chart series: (label, colour, function of a host's result).
+TIME_SERIES = [
+    ("load", "#4c78a8", lambda r: r.get("load_s")),
+    ("short answer", "#72b7b2", lambda r: _answer(r, 0)),
+    ("long answer", "#f58518", lambda r: _answer(r, -1)),
+    ("all answers", "#b279a2", lambda r: round(sum(a["seconds"] for a in r["answers"]), 3)
+     if r.get("answers") else None),
+]
+MEMORY_SERIES = [
+    ("peak RAM (RSS)", "#54a24b", lambda r: r.get("peak_rss_gb")),
+    ("peak VRAM (torch)", "#e45756", lambda r: r.get("peak_vram_gb")),
+    ("peak VRAM (nvidia-smi)", "#ff9da6", lambda r: r.get("smi_vram_gb")),
+]
+
+
+def _answer(r, index):
+    answers = r.get("answers") or []
+    if not answers or (index == -1 and len(answers) < 2):
+        return None
+    return answers[index]["seconds"]
+
+
+def _num(value):
     return "-" if value is None else f"{value:.2f}"
 
 
-def _s(value):
-    return "-" if value is None else f"{value:.2f}"
+def _cell(text, limit=300) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ").strip()[:limit]
 
 
-def write(report_dir: Path, failures: dict[str, dict]) -> Path:
-    """Write fleet.md and fleet.json from report_dir/hosts/*.json; return fleet.md's path."""
+def error_text(stdout: list[str], stderr: list[str], logs: list[str] = ()) -> str:
+    """The error a failed operation stopped with, from its output and the host's log lines.
+
+    `ERROR:` lines (operations.common.fail, the smoke test) win; else the last lines of
+    stderr, of stdout, or of what pyinfra logged for the host (a Python callback's error).
+    """
+    for lines in (stderr, stdout):
+        marked = [line.strip()[len("ERROR:"):].strip() for line in lines
+                  if line.strip().startswith("ERROR:")]
+        if marked:
+            return " / ".join(marked)
+    for lines in (stderr, [line for line in stdout if not line.startswith(RESULT_PREFIX)]):
+        tail = [line.strip() for line in lines if line.strip()][-3:]
+        if tail:
+            return " ".join(tail)
+    logged = [line for line in logs if line and not re.match(r"Error(: executed \d+ commands)?$", line)]
+    return " ".join(logged[-3:]) or "no output (see the pyinfra log above)"
+
+
+def smoke_result(stdout: list[str]) -> dict | None:
+    """The smoke test's result printed on its SMOKE-RESULT line, when a failed op has one."""
+    for line in reversed(stdout):
+        if line.startswith(RESULT_PREFIX):
+            try:
+                return json.loads(line[len(RESULT_PREFIX):])
+            except ValueError:
+                return None
+    return None
+
+
+def chart(results: dict[str, dict], failures: dict[str, dict]) -> str:
+    """An SVG of per-host times and memory: one panel each, a group of bars per host."""
+    width, label_w, bar_w, bar_h, gap = 900, 150, 560, 13, 10
+    panels, y = [], 40
+    for title, unit, series in (("Time", "s", TIME_SERIES), ("Memory", "GB", MEMORY_SERIES)):
+        values = {h: [fn(r) if r else None for _, _, fn in series] for h, r in results.items()}
+        top = max([v for vs in values.values() for v in vs if v] or [1])
+        panel = {"title": f"{title} ({unit})", "y": y, "legend": [], "groups": []}
+        for i, (name, colour, _) in enumerate(series):
+            panel["legend"].append({"x": label_w + i * 170, "y": y + 18, "colour": colour, "name": name})
+        y += 34
+        for host in results:
+            group = {"host": host, "y": y, "label_y": y + bar_h * len(series) / 2 + 4,
+                     "failed": host in failures, "bars": []}
+            for i, ((name, colour, _), value) in enumerate(zip(series, values[host])):
+                w = 0 if not value else max(1.0, bar_w * value / top)
+                group["bars"].append({"x": label_w, "y": y + i * bar_h, "w": round(w, 1),
+                                      "h": bar_h - 2, "colour": colour, "name": name,
+                                      "text": "-" if value is None else f"{value:.2f} {unit}",
+                                      "text_x": label_w + w + 4, "text_y": y + i * bar_h + bar_h - 3})
+            if host in failures:
+                group["note"] = f"FAILED at {failures[host].get('stage')}"
+            y += bar_h * len(series) + gap
+            panel["groups"].append(group)
+        panel["bottom"] = y - gap / 2
+        panels.append(panel)
+        y += 24
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("fleet_chart.svg.j2").render(
+        width=width, height=y, panels=panels, label_w=label_w, bar_w=bar_w)
+
+
+def write(report_dir: Path, failures: dict[str, dict], hosts: list[str] | None = None) -> Path:
+    """Write fleet.md, fleet.svg and fleet.json from report_dir/hosts/*.json; return fleet.md.
+
+    + failures: {host: {"stage", "error"[, "result"]}}; a failed host's own smoke result
+      ("result") replaces a stale one from an earlier run
+    + hosts: the hosts of this run (default: every host with a result file)
+    """
     results = {}
     for path in sorted((report_dir / "hosts").glob("*.json")):
         try:
             results[path.stem] = json.loads(path.read_text())
         except ValueError:
             continue
+    names = sorted(set(hosts) | set(failures)) if hosts is not None else sorted(set(results) | set(failures))
     rows = [
         "| host | variant | device | RAM (GB) | VRAM (GB) | load (s) | short answer (s) "
         "| long answer (s) | tokens/s | status |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    details = []
-    for name, r in results.items():
+    details, shown = [], {}
+    for name in names:
+        failed = failures.get(name)
+        # A failed host's figures are this run's or none: an old result file would mislead.
+        r = (failed.get("result") or {}) if failed else results.get(name, {})
+        shown[name] = r
         answers = r.get("answers") or []
-        short = answers[0]["seconds"] if answers else None
-        long = answers[-1]["seconds"] if len(answers) > 1 else None
-        failed = name in failures or not r.get("ok")
+        if failed:
+            status = f"FAILED ({failed.get('stage')})"
+        elif not r:
+            status = "no smoke result"
+        else:
+            status = "ok" if r.get("ok") else "FAILED"
         rows.append(
-            f"| {name} | {r.get('variant')} | {r.get('device')} | {_gb(r.get('peak_rss_gb'))} "
-            f"| {_gb(r.get('peak_vram_gb'))} | {_s(r.get('load_s'))} | {_s(short)} | {_s(long)} "
-            f"| {r.get('tokens_per_s') or '-'} | {'FAILED' if failed else 'ok'} |")
-        versions = ", ".join(f"{k} {v}" for k, v in (r.get("versions") or {}).items() if v)
-        details.append(f"### {name}\n\n- versions: {versions or '-'}")
+            f"| {name} | {r.get('variant', '-')} | {r.get('device', '-')} | {_num(r.get('peak_rss_gb'))} "
+            f"| {_num(r.get('peak_vram_gb'))} | {_num(r.get('load_s'))} | {_num(_answer(r, 0))} "
+            f"| {_num(_answer(r, -1))} | {r.get('tokens_per_s') or '-'} | {_cell(status, 80)} |")
+        details.append(f"### {name}\n")
+        if failed:
+            details.append(f"- **failed** at `{failed.get('stage')}`: {_cell(failed.get('error'), 1000)}")
+        if r:
+            versions = ", ".join(f"{k} {v}" for k, v in (r.get("versions") or {}).items() if v)
+            details.append(f"- versions: {versions or '-'}")
+            if r.get("model_dir"):
+                details.append(f"- model: `{r['model_dir']}` at {r.get('model_commit') or '-'} "
+                               f"(pinned {r.get('revision') or '-'}); finished {r.get('finished_at', '-')}")
         if r.get("gpu"):
-            details.append(f"- GPU: {r['gpu']} (nvidia-smi used {_gb(r.get('smi_vram_gb'))} GB)")
+            details.append(f"- GPU: {r['gpu']} (sm {r.get('compute_cap', '?')}); peak VRAM "
+                           f"torch {_num(r.get('peak_vram_gb'))} GB, nvidia-smi "
+                           f"{_num(r.get('smi_vram_gb'))} GB ({r.get('smi_vram_source') or '-'})")
         for a in answers:
             first = a["response"].strip().splitlines()[0][:80] if a["response"].strip() else ""
             details.append(f"- `{a['query']}` {a['seconds']:.2f} s, {a['tokens']} tokens "
-                           f"({a['tokens_per_s']} tokens/s): {first}")
+                           f"({a['tokens_per_s']} tokens/s): {_cell(first, 80)}")
+        if r:
+            warnings = r.get("warnings") or []
+            details.append(f"- warnings: {len(warnings)}"
+                           + ("; revision warning: YES" if r.get("revision_warning") else ""))
+            details += [f"  - {_cell(w, 200)}" for w in warnings[:10]]
         if r.get("error"):
-            details.append(f"- error: {r['error']}")
+            details.append(f"- error: {_cell(r['error'], 1000)}")
+        if r.get("traceback") and not r.get("ok"):
+            details += ["", "```", r["traceback"].strip()[-1500:], "```"]
         details.append("")
-    lines = ["# ChatGLM-6B fleet report", "", *rows, ""]
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "fleet.svg").write_text(chart(shown, failures))
+    lines = ["# ChatGLM-6B fleet report", "", *rows, "",
+             "![per-host load and answer times, peak RAM and VRAM](fleet.svg)", ""]
     if failures:
         lines += ["## Failed hosts", "", "| host | stage | error |", "|---|---|---|"]
         for name, f in sorted(failures.items()):
-            error = str(f.get("error", "")).replace("|", "\\|").replace("\n", " ")[:300]
-            lines.append(f"| {name} | {f.get('stage')} | {error} |")
+            lines.append(f"| {name} | {_cell(f.get('stage'), 120)} | {_cell(f.get('error'))} |")
         lines.append("")
     lines += ["## Hosts", "", *details]
-    report_dir.mkdir(parents=True, exist_ok=True)
     out = report_dir / "fleet.md"
     out.write_text("\n".join(lines))
     (report_dir / "fleet.json").write_text(json.dumps(
-        {"hosts": results, "failed": failures}, ensure_ascii=False, indent=1))
+        {"hosts": {n: shown[n] for n in names},
+         "failed": {n: {k: v for k, v in f.items() if k != "result"} for n, f in failures.items()}},
+        ensure_ascii=False, indent=1))
     return out
 
 
+class HostLog(logging.Handler):
+    """pyinfra's warning and error lines per host ('[h1] ...'): the only trace of an error
+    raised inside a Python callback (FunctionCommand), which leaves no command output."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: dict[str, list[str]] = {}
+
+    def emit(self, record):
+        try:
+            text = ANSI.sub("", record.getMessage())
+        except Exception:  # a log line must never break the run
+            return
+        match = re.match(r"\s*\[([^\]]+)\]\s+(?:nested\s+)?(.*)", text, re.S)
+        if match:
+            lines = self.lines.setdefault(match.group(1), [])
+            lines.append(match.group(2).strip()[:500])
+            del lines[:-20]
+
+
 class FleetReport(BaseStateCallback):
-    """Records which stage each failed host stopped at; writes the report as hosts finish."""
+    """Records the stage and error of each failed host; writes the report after the last
+    host disconnects, and prints its path."""
 
     def __init__(self, report_dir: Path, hosts: int, enabled: bool = True):
         self.report_dir = report_dir
         self.enabled = enabled
         self.remaining = hosts
+        self.hosts: list[str] = []
         self.failures: dict[str, dict] = {}
+        self._failed_ops: dict[str, tuple] = {}
+        self.log = HostLog()
+        logging.getLogger("pyinfra").addHandler(self.log)
 
     def operation_host_error(self, state, host, op_hash, retry_count=0, max_retries=0):
         names = sorted(state.get_op_meta(op_hash).names)
-        self.failures.setdefault(host.name, {"stage": ", ".join(names) or op_hash, "error": ""})
+        if host.name not in self.failures:
+            self.failures[host.name] = {"stage": ", ".join(names) or op_hash, "error": ""}
+            # The op's output is stored only after this callback: read it at disconnect.
+            self._failed_ops[host.name] = (host, op_hash)
 
     def host_connect_error(self, state, host, error):
         self.failures[host.name] = {"stage": "connect", "error": str(error)}
 
+    def _resolve(self, state, name):
+        host, op_hash = self._failed_ops.pop(name)
+        stdout, stderr = [], []
+        try:
+            meta = state.get_op_data_for_host(host, op_hash).operation_meta
+            if meta.is_complete():
+                stdout, stderr = meta.stdout_lines, meta.stderr_lines
+        except (KeyError, AttributeError, RuntimeError):
+            pass
+        failure = self.failures[name]
+        failure["error"] = error_text(stdout, stderr, self.log.lines.get(name, []))
+        result = smoke_result(stdout)
+        if result is not None:
+            failure["result"] = result
+
     def host_disconnect(self, state, host):
+        # Hosts connect before deploy.py adds this handler; every one of them disconnects.
+        self.hosts.append(host.name)
         self.remaining -= 1
         if self.remaining == 0 and state.is_executing and self.enabled:
-            path = write(self.report_dir, self.failures)
-            print(f"\n--> Fleet report: {path}\n")
+            for name in list(self._failed_ops):
+                self._resolve(state, name)
+            path = write(self.report_dir, self.failures, self.hosts)
+            print(f"\n--> Fleet report: {path} (chart: {path.with_suffix('.svg')})\n")
+
+
+def merge(report_dir: Path, parts: dict[str, Path]) -> Path:
+    """One report from the reports of several runs (say, one per variant on one @local
+    host): host H of the run labelled L is listed as 'H-L'. Returns fleet.md's path."""
+    failures, names = {}, []
+    (report_dir / "hosts").mkdir(parents=True, exist_ok=True)
+    for label, part in parts.items():
+        data = json.loads((Path(part) / "fleet.json").read_text())
+        for name, r in data["hosts"].items():
+            new = f"{name}-{label}"
+            names.append(new)
+            if name in data["failed"]:
+                failures[new] = {**data["failed"][name], "result": r}
+            elif r:
+                (report_dir / "hosts" / f"{new}.json").write_text(json.dumps(r, ensure_ascii=False))
+    return write(report_dir, failures, names)
+
+
+if __name__ == "__main__":
+    import sys
+
+    # python -m operations.report merge OUT_DIR LABEL=DIR [LABEL=DIR ...]
+    if len(sys.argv) < 4 or sys.argv[1] != "merge":
+        sys.exit("usage: python -m operations.report merge OUT_DIR LABEL=DIR [LABEL=DIR ...]")
+    out = merge(Path(sys.argv[2]), dict(arg.split("=", 1) for arg in sys.argv[3:]))
+    print(f"--> Fleet report: {out} (chart: {out.with_suffix('.svg')})")

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import StringCommand, operation
+from pyinfra.api import FactBase, StringCommand, operation
 from pyinfra.api.command import QuoteString
 from pyinfra.operations import files
 
@@ -15,10 +15,26 @@ from .settings import DATA, ROOT, Settings, load_toml
 TEMPLATE = ROOT / "templates" / "smoke_test.py.j2"
 
 
-def smoke_key(s: Settings, variant: str, revision: str, device: str) -> str:
+class ModelFiles(FactBase):
+    """Name, size and mtime of every file at the top of a model checkout, hashed: changes
+    when a file of the model is replaced or edited on the host; '' when there is none."""
+
+    def command(self, path):
+        return (f"cd {path} 2>/dev/null && find . -maxdepth 1 -type f -printf '%P %s %T@\\n' "
+                "| LC_ALL=C sort | sha256sum | cut -c1-16 || true")
+
+    @staticmethod
+    def default():
+        return ""
+
+    def process(self, output):
+        return output[0].strip() if output else ""
+
+
+def smoke_key(s: Settings, variant: str, revision: str, device: str, model_files: str = "") -> str:
     """What the last passing smoke test must have seen for it to still count."""
     parts = [TEMPLATE.read_text(), (DATA / "requirements" / f"{s.requirements}.txt").read_text(),
-             variant, revision, device, str(s.smoke_max_new_tokens)]
+             variant, revision, device, str(s.smoke_max_new_tokens), model_files]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -33,7 +49,7 @@ def run(s: Settings, variant: str, model_dir: str, revision: str, device: str):
     + revision: the model's pinned commit
     + device: 'cuda' or 'cpu'
     """
-    key = smoke_key(s, variant, revision, device)
+    key = smoke_key(s, variant, revision, device, host.get_fact(ModelFiles, path=model_dir))
     script = f"{s.install_dir}/smoke/smoke_test.py"
     result = f"{s.install_dir}/smoke/result.json"
     yield from files.directory._inner(path=f"{s.install_dir}/smoke", mode="755")

@@ -21,7 +21,8 @@ H100 = {"name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559, "compute_cap": "9.
         "pci": "00000000:01:00.0", "device_id": "0x2330"}
 # h1-h3: CPU hosts. h4-h8: simulated H100 hosts for the GPU stack, one scenario each.
 # h9 (CPU) and h10 (simulated H100, no driver): the system and Python stages only.
-HOSTS = ["h1", "h2", "h3", "h4", "h5", "h6", "h7", "h8", "h9", "h10"]
+# h11: CPU host for the fp16 fleet run.
+HOSTS = ["h1", "h2", "h3", "h4", "h5", "h6", "h7", "h8", "h9", "h10", "h11"]
 GPUS = {
     "h4": {"gpus": [H100], "kernel_module_version": "580.95.05"},   # fresh install
     "h5": {"gpus": [H100], "kernel_module_version": "570.195.03"},  # old module still loaded
@@ -77,7 +78,7 @@ def lab():
     # Up twice: the second replaces the first's hosts and keeps its stand-ins.
     first = labmod.up(1)
     first_pid = labmod.load_state()["hosts"][0]["pid"]
-    inventory = labmod.up(len(HOSTS), variants={"h1": "auto", "h2": "int8", "h3": "int4"},
+    inventory = labmod.up(len(HOSTS), variants={"h1": "auto", "h2": "int8", "h3": "int4", "h11": "fp16"},
                           gpus=GPUS, extra=GPU_DATA)
     assert inventory == first and not labhosts._alive(first_pid)
     state = labmod.load_state()
