@@ -85,7 +85,7 @@ def render_fetcher(tmp, source_kind, source, files, folder=FOLDER) -> Path:
     script = tmp / "fetch_weights.py"
     script.write_text(get_template(str(TEMPLATE)).render(
         weights_mode="direct" if source_kind == "seafile" else "mirror", source_kind=source_kind,
-        source=source, folder=folder, model_dir=str(model_dir), stamps=STAMPS, files=files))
+        source=source, folder=folder, model_dir=str(model_dir), stamps=STAMPS, files=files, attempts=6))
     return script
 
 
