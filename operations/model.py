@@ -21,7 +21,7 @@ from pyinfra.operations import files as files_ops
 
 from .common import fail
 from . import seafile
-from .settings import ROOT, Settings, _is_commit, load_toml, mirror_url  # noqa: F401
+from .settings import ROOT, Settings, _is_commit, load_toml
 from .system import FreeDiskBytes, MemoryBytes
 
 STAMPS = ".chatglm-verified"
