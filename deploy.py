@@ -39,6 +39,12 @@ os_ident = system.check_supported()
 plan = gpu.gpu_plan(s, os_ident)
 gpu.report_plan(name="GPU: detect and resolve the stack", plan=plan)
 
+if "model" in stages:
+    # A host short of memory or disk for its variant fails here, before anything is installed.
+    variant = model.auto_variant(plan, host.get_fact(MemoryBytes)) if s.variant == "auto" else s.variant
+    model.check_resources(name=f"Model: memory and disk for {variant}", s=s, variant=variant,
+                          plan=plan, model_dir=s.model_dir(variant))
+
 if "system" in stages:
     system.base_packages(name="System: base packages")
 
@@ -68,18 +74,14 @@ if "cuda_libs" in stages and plan["gpu"]:
                     python=py["python"] if py else s.python)
 
 if "model" in stages:
-    if s.variant == "auto":
-        variant = model.auto_variant(plan, host.get_fact(MemoryBytes))
-    else:
-        variant = s.variant
     src = source_for(s, variant)
     model_dir = s.model_dir(variant)
     model.clone(name="Model: clone ChatGLM-6B code", url=src["code_url"], dest=s.code_dir,
-                revision=src["code_revision"])
+                revision=src["code_revision"], allow_floating=s.allow_floating_revision)
     model.clone(name="Model: clone the model repo", url=src["model_url"], dest=model_dir,
-                revision=src["model_revision"])
-    model.weights(name="Model: weights from the share", s=s, model_dir=model_dir,
-                  share=src["share"], share_path=src["share_path"])
+                revision=src["model_revision"], allow_floating=s.allow_floating_revision)
+    model.weights(name=f"Model: weights ({s.weights_mode})", s=s, model_dir=model_dir,
+                  share=src["share"], share_path=src["share_path"], mirror=src.get("mirror", ""))
 
     if "kernel" in stages and variant in ("int4", "int8"):
         kernel.build(name="Kernel: build the CPU quantization kernel", model_dir=model_dir)

@@ -29,7 +29,10 @@ Weights (Tsinghua cloud Seafile shares, data/models.toml):
     seafile_url=""            another Seafile server holding the same share paths
     weights_share=""          a different share link (https://HOST/d/TOKEN/)
     weights_share_path=""     folder inside that share ("{name}" allowed)
-    weights_mirror=""         base URL for weights_mode="mirror"
+    weights_mirror=""         weights_mode="mirror": a LAN HTTP URL holding <repo name>/<file>
+                              (or with "{name}" where the repo name goes)
+    weights_attempts=6        tries in a row that bring no byte before a download gives up
+                              (a rerun resumes it)
 
 Python (data/python.toml holds the installer and torch pins):
     python_backend="conda"    conda: Miniforge (or Miniconda) in conda_dir, env envs/chatglm |

@@ -87,9 +87,15 @@ def ensure_wheels(requirements: Path) -> Path:
 
 
 def build_shares(fixtures: dict) -> dict:
-    """Lay out the share folders like the real ones: quantized variants in sub-folders."""
+    """Lay out the share folders like the real ones: quantized variants in sub-folders.
+
+    The same files also go to www/models/<repo name>/, a LAN mirror for weights_mode='mirror'
+    (http://127.0.0.1:<www port>/models/).
+    """
     root = LAB / "share"
-    shutil.rmtree(root, ignore_errors=True)
+    mirror = LAB / "www" / "models"
+    for old in (root, mirror):
+        shutil.rmtree(old, ignore_errors=True)
     dirs = {}
     for variant, info in fixtures.items():
         src = Path(info["dir"])
@@ -97,9 +103,10 @@ def build_shares(fixtures: dict) -> dict:
             target = root / "fp16"
         else:
             target = root / "quantized" / src.name
-        target.mkdir(parents=True, exist_ok=True)
-        for name in info["weights"]:
-            os.link(src / name, target / name)
+        for folder in (target, mirror / src.name):
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in info["weights"]:
+                os.link(src / name, folder / name)
     for kind in SHARES:
         (root / kind).mkdir(parents=True, exist_ok=True)
         dirs[kind] = root / kind

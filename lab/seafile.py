@@ -10,9 +10,11 @@ Imitates, from seahub and seafile-server sources (Go fileserver):
   GET|HEAD /seafhttp/files/<uuid4>/<name>           the bytes, single Range, token expiry
 Lab-only control API (no Seafile has it), under /_lab/:
   POST/GET/DELETE /_lab/faults, POST /_lab/expire, GET/DELETE /_lab/stats
-Fault rule: {"match": substring of file path or name, "kind": "cut"|"corrupt"|"status"|"slow",
-  "after": N (cut), "offset": N (corrupt, file offset), "code": N (status),
-  "delay": s per MiB (slow), "times": requests it applies to (default 1, -1 = always)}.
+Fault rule: {"match": substring of file path or name,
+  "kind": "cut"|"expire"|"corrupt"|"status"|"slow", "after": N (cut, expire: bytes sent before
+  the connection drops; expire also kills the access token, as when a long download outlives
+  it), "offset": N (corrupt, file offset), "code": N (status), "delay": s per MiB (slow),
+  "times": requests it applies to (default 1, -1 = always)}.
 POST appends rules; DELETE clears them.
 
 Not imitated: the password form POST (password shares always refuse), share-link expiry,
@@ -47,7 +49,8 @@ TOKEN_RE = r"[A-Za-z0-9]+"  # seahub's URLs take [a-f0-9]+; letters allowed for 
 CONTENT_TYPES = {"txt": "text/plain; charset=gbk", "pdf": "application/pdf",
                  "zip": "application/zip", "png": "image/png", "jpg": "image/jpeg",
                  "jpeg": "image/jpeg", "gif": "image/gif", "mp4": "video/mp4"}
-FAULT_KINDS = {"cut": "after", "corrupt": "offset", "status": "code", "slow": "delay"}
+FAULT_KINDS = {"cut": "after", "expire": "after", "corrupt": "offset", "status": "code",
+               "slow": "delay"}
 TSINGHUA_TZ = datetime.timezone(datetime.timedelta(hours=8))  # seahub prints its TIME_ZONE
 
 
@@ -160,10 +163,11 @@ class SeafileStandIn:
         with self.lock:
             self.faults.clear()
 
-    def expire_tokens(self):
+    def expire_tokens(self, only=None):
         with self.lock:
             for token, (file_path, local, _expiry) in self.tokens.items():
-                self.tokens[token] = (file_path, local, 0.0)
+                if only is None or token == only:
+                    self.tokens[token] = (file_path, local, 0.0)
 
     def stats(self):
         with self.lock:
@@ -442,14 +446,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(end - start + 1))
         self.end_headers()
         if self.command == "GET" and end >= start:
-            self._stream(file_path, local, names, start, end + 1)
+            self._stream(file_path, local, names, start, end + 1, access_token)
 
-    def _stream(self, file_path, local, names, start, stop):
+    def _stream(self, file_path, local, names, start, stop, access_token):
         seaf = self.seaf
+        limit = stop
         cut = seaf.take_fault("cut", names)
-        corrupt = seaf.take_fault("corrupt", names, span=(start, stop))
+        expire = seaf.take_fault("expire", names)
+        for rule in (cut, expire):
+            if rule:
+                limit = min(limit, start + int(rule["after"]))
+        if expire:
+            seaf.expire_tokens(only=access_token)
+        # A corrupt rule is used up only by a response that sends its byte.
+        corrupt = seaf.take_fault("corrupt", names, span=(start, limit))
         slow = seaf.take_fault("slow", names)
-        limit = stop if cut is None else min(stop, start + int(cut["after"]))
         pos = start
         try:
             with open(local, "rb") as f:

@@ -7,6 +7,7 @@ modules cache, so a path relative to the file would point at the wrong place.
 """
 
 import base64
+import re
 from io import StringIO
 
 from pyinfra import host
@@ -18,6 +19,7 @@ from .common import fail
 from .system import CpuCount
 
 CALL = "load_cpu_kernel(**kwargs)"
+CALL_RE = re.compile(r"^[ \t]*load_cpu_kernel\(\*\*kwargs\)[ \t]*(#.*)?$")
 MARK = "# chatglm-deploy: prebuilt CPU kernel"
 STAMP = ".chatglm-kernel.sha256"
 
@@ -90,21 +92,28 @@ def build(model_dir: str):
 
 
 def patched(text: str, path: str, kernel: str) -> str:
-    """quantization.py with quantize() given the prebuilt kernel; raises if the call is absent."""
+    """quantization.py with quantize() given the prebuilt kernel; raises if the call is absent.
+
+    Both upstream shapes of quantize() are handled: the final one calls
+    `load_cpu_kernel(**kwargs)` directly, the April 2023 one inside `try:`; the line set
+    before the call takes the call's own indentation, so it lands in the same block.
+    """
     lines = text.split("\n")
     out, found = [], False
     for line in lines:
         if MARK in line:
             continue
-        if line.strip() == CALL:
+        if CALL_RE.match(line):
             indent = line[: len(line) - len(line.lstrip())]
             out.append(f'{indent}kwargs.setdefault("kernel_file", {kernel!r})  {MARK}')
             found = True
         out.append(line)
     if not found:
-        raise OperationError(f"{path}: the line {CALL!r} was not found, so the prebuilt kernel "
-                             "cannot be passed in; this quantization.py differs from the "
-                             "upstream versions the patch knows")
+        raise OperationError(f"{path}: the line {CALL!r} (in quantize()) was not found, so the "
+                             "prebuilt kernel cannot be passed in; this quantization.py differs "
+                             "from the upstream versions the patch knows (May 2023, and April "
+                             "2023 with the call inside try:); pin a model revision whose "
+                             "quantization.py has that line")
     return "\n".join(out)
 
 

@@ -6,6 +6,8 @@ from the Seafile share, checked against that pointer, and moved over it.
 """
 
 import logging
+import shlex
+import shutil
 import threading
 from pathlib import Path
 
@@ -15,12 +17,17 @@ from pyinfra import host
 from pyinfra.api import (FactBase, FileUploadCommand, FunctionCommand,
                          StringCommand, operation)
 from pyinfra.api.command import QuoteString
+from pyinfra.operations import files as files_ops
 
 from .common import fail
 from . import seafile
-from .settings import Settings
+from .settings import ROOT, Settings, _is_commit, load_toml
+from .system import FreeDiskBytes, MemoryBytes
 
 STAMPS = ".chatglm-verified"
+TEMPLATE = ROOT / "templates" / "fetch_weights.py.j2"
+GB = 10 ** 9  # data/models.toml gives memory and disk in GB
+MIB = 1 << 20
 logger = logging.getLogger("pyinfra")
 
 
@@ -71,71 +78,246 @@ class LfsFiles(FactBase):
         return files
 
 
+class RemoteRefs(FactBase):
+    """{ref name: commit} of the refs of a remote matching a branch or tag name ({} when
+    git is missing or the remote cannot be reached). Annotated tags come peeled ('^{}')."""
+
+    def command(self, url, ref):
+        return (f"command -v git >/dev/null && GIT_TERMINAL_PROMPT=0 git ls-remote "
+                f"{shlex.quote(url)} {shlex.quote(ref)} 2>/dev/null || true")
+
+    @staticmethod
+    def default():
+        return {}
+
+    def process(self, output):
+        refs = {}
+        for line in output:
+            parts = line.split()
+            if len(parts) == 2:
+                refs[parts[1]] = parts[0]
+        return refs
+
+
+def resolve_ref(refs: dict, ref: str) -> tuple[str, str]:
+    """(commit, '') for a branch or tag name, or ('', why not)."""
+    found = {}
+    for kind, name in (("tag", f"refs/tags/{ref}"), ("branch", f"refs/heads/{ref}"),
+                       ("ref", ref)):
+        commit = refs.get(name + "^{}") or refs.get(name)
+        if commit:
+            found[kind] = commit
+    if not found:
+        return "", f"no branch or tag {ref!r}"
+    if len(set(found.values())) > 1:
+        return "", f"{ref!r} is ambiguous ({', '.join(f'{k} {c[:12]}' for k, c in found.items())})"
+    return next(iter(found.values())), ""
+
+
+def _checkout_check(dest: str, commit: str) -> StringCommand:
+    d, c = shlex.quote(dest), shlex.quote(commit)
+    return StringCommand("sh", "-c", QuoteString(
+        f'head=$(git -C {d} rev-parse HEAD) && [ "$head" = {c} ] || '
+        f'{{ echo "ERROR: "{d}": HEAD is $head, not the pinned "{c} >&2; exit 1; }}'))
+
+
 @operation()
-def clone(url: str, dest: str, revision: str):
+def clone(url: str, dest: str, revision: str, allow_floating: bool = False):
     """
     Clone a repo without LFS smudging and check out a pinned revision.
 
     + url: the remote to clone
     + dest: the checkout's directory on the host
-    + revision: the commit to check out (HEAD is compared with it)
+    + revision: the 40-hex commit to check out (HEAD is compared with it); a branch or tag
+      only with allow_floating, resolved to its commit on the host at each run
+    + allow_floating: accept a branch or tag (inventory: allow_floating_revision)
     """
+    commit = revision
+    if not _is_commit(revision):
+        if not allow_floating:
+            yield fail(f"{dest}: revision {revision!r} is not a 40-hex commit; pin the commit you "
+                       "reviewed, or set allow_floating_revision=True (the model code runs with "
+                       "trust_remote_code)")
+            return
+        commit, why = resolve_ref(host.get_fact(RemoteRefs, url=url, ref=revision), revision)
+        if not commit and host.state.is_executing:
+            yield fail(f"{url}: {why}; fix model_revision(s)/code_revision")
+            return
+        if commit:
+            host.log_styled(f"floating revision {revision!r} of {url} is {commit} "
+                            "(allow_floating_revision)", fg="yellow", log_func=logger.warning)
     head = host.get_fact(GitHead, path=dest)
-    if head and head == revision:
-        host.noop(f"{dest} is at {revision[:12]}")
+    if head and head == commit:
+        host.noop(f"{dest} is at {commit[:12]}")
         return
+    target = commit or revision  # unresolved only while collecting, before git is installed
     env = "GIT_LFS_SKIP_SMUDGE=1"
     if not head:
+        partial = shlex.quote(dest + ".partial")
         yield StringCommand("rm", "-rf", QuoteString(dest + ".partial"))
         yield StringCommand(env, "git", "clone", "--quiet", "--no-checkout", QuoteString(url),
                             QuoteString(dest + ".partial"))
         yield StringCommand(env, "git", "-C", QuoteString(dest + ".partial"), "-c",
                             "advice.detachedHead=false", "checkout", "--quiet", "--detach",
-                            QuoteString(revision))
-        # Only a complete checkout takes the final name.
-        yield StringCommand("mv", QuoteString(dest + ".partial"), QuoteString(dest))
+                            QuoteString(target))
+        # Only a complete checkout takes the final name; never over something else.
+        taken = shlex.quote(f"ERROR: {dest} exists but is not a git checkout: move it away")
+        yield StringCommand("sh", "-c", QuoteString(
+            f"[ ! -e {shlex.quote(dest)} ] || {{ echo {taken} >&2; exit 1; }}; "
+            f"mv {partial} {shlex.quote(dest)}"))
     else:
-        yield StringCommand(env, "git", "-C", QuoteString(dest), "fetch", "--quiet", "origin")
+        yield StringCommand("git", "-C", QuoteString(dest), "remote", "set-url", "origin",
+                            QuoteString(url))
+        yield StringCommand(env, "git", "-C", QuoteString(dest), "fetch", "--quiet", "--tags",
+                            "origin")
         yield StringCommand(env, "git", "-C", QuoteString(dest), "-c", "advice.detachedHead=false",
-                            "checkout", "--quiet", "--force", "--detach", QuoteString(revision))
+                            "checkout", "--quiet", "--force", "--detach", QuoteString(target))
         yield StringCommand("rm", "-rf", QuoteString(f"{dest}/{STAMPS}"))
-    yield StringCommand("test", f'"$(git -C {dest} rev-parse HEAD)"', "=", QuoteString(revision))
+    yield _checkout_check(dest, target)
+
+
+def mib_to_gb(value_mib: int) -> float:
+    """GPU memory as nvidia-smi gives it (MiB) in the GB of data/models.toml (10^9 bytes)."""
+    return value_mib * MIB / GB
+
+
+def _verified(f: dict) -> bool:
+    return f["verified"] == f["oid"] and f["actual"] == f["size"]
+
+
+def _partial(model_dir: str, name: str) -> str:
+    """Where a weight file is assembled, next to its pointer (same filesystem: atomic rename)."""
+    folder, _, base = f"{model_dir}/{name}".rpartition("/")
+    return f"{folder}/.{base}.partial"
+
+
+def _free_probe(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+@operation()
+def check_resources(s: Settings, variant: str, plan: dict, model_dir: str):
+    """
+    Fail the host, before anything is downloaded, when it lacks the memory or disk space the
+    variant needs (figures in data/models.toml, from the ChatGLM-6B README).
+
+    + s: the host's settings (weights_mode, weights_cache)
+    + variant: fp16, int8 or int4
+    + plan: the host's GPU plan: on a GPU host the first GPU's memory counts, else the RAM
+    + model_dir: the model checkout; once cloned its LFS pointers give the exact sizes
+    """
+    need = load_toml("models.toml")["variants"][variant]
+    problems, fixes = [], []
+    if plan["gpu"]:
+        gpu = plan["gpus"][0]
+        have = mib_to_gb(gpu["memory_mib"])
+        if have < need["gpu_mem_gb"]:
+            problems.append(f"{variant} needs {need['gpu_mem_gb']} GB of GPU memory, GPU 0 "
+                            f"({gpu['name']}) has {have:.1f} GB")
+    else:
+        have = host.get_fact(MemoryBytes) / GB
+        if have < need["cpu_ram_gb"]:
+            problems.append(f"{variant} on CPU needs {need['cpu_ram_gb']} GB of RAM, the host "
+                            f"has {have:.1f} GB")
+    if problems:
+        fixes.append("set variant to a smaller one ('int4' needs the least) or 'auto', or use a "
+                     "host with more memory")
+
+    lfs = host.get_fact(LfsFiles, path=model_dir)
+    if lfs:
+        todo = {f["oid"]: f["size"] for f in lfs.values() if not _verified(f)}
+        weights, basis = sum(todo.values()), "the LFS pointers"
+    else:
+        todo, weights, basis = None, need["disk_gb"] * GB, "data/models.toml"
+    free = host.get_fact(FreeDiskBytes, path=model_dir)
+    if free < weights:
+        problems.append(f"the weights need {weights / GB:.2f} GB ({basis}) under {model_dir}, "
+                        f"{free / GB:.2f} GB are free")
+        fixes.append("free space there or set install_dir to a larger filesystem")
+    if s.weights_mode == "control" and weights:
+        cache = Path(s.weights_cache).expanduser()
+        blobs = cache / "blobs"
+        cached = 0 if todo is None else sum(
+            size for oid, size in todo.items() if (blobs / oid).is_file()
+            and (blobs / oid).stat().st_size == size)
+        cache_free = shutil.disk_usage(_free_probe(cache)).free
+        if cache_free < weights - cached:
+            problems.append(f"the control cache {cache} needs {(weights - cached) / GB:.2f} GB, "
+                            f"{cache_free / GB:.2f} GB are free on the control machine")
+            fixes.append("free space there or set weights_cache to a larger filesystem")
+    if problems:
+        message = f"{host.name}: " + "; ".join(problems) + ". Fix: " + "; ".join(fixes)
+        if not host.state.is_executing:
+            # --dry shows it too: the host fails here when the deploy runs.
+            host.log_styled(message, fg="red", log_func=logger.error)
+        yield fail(message)
+        return
+    host.noop(f"{variant}: memory and disk space suffice ({basis})")
 
 
 _locks: dict[str, threading.Lock] = {}
 
 
 def fetch_to_cache(state, host, cache: Path, share: str, share_path: str, name: str, oid: str,
-                   size: int) -> bool:
+                   size: int, attempts: int = seafile.ATTEMPTS) -> bool:
     """Download one weight file into the control cache once, however many hosts need it.
 
-    Returns False (failing only this host) when the share cannot deliver the file.
+    The cache is content-addressed (blobs/<sha256>) and a blob gets its name only once
+    verified, so a blob present is never downloaded again. Returns False (failing only
+    this host) when the share cannot deliver the file.
     """
     target = cache / "blobs" / oid
-    lock = _locks.setdefault(oid, threading.Lock())
+    lock = _locks.setdefault(oid, threading.Lock())  # gevent's, under pyinfra's CLI
     try:
         with lock:
-            if target.exists() and target.stat().st_size == size:
+            if target.is_file() and target.stat().st_size == size:
                 return True
-            listing = {d.get("file_name"): d for d in seafile.list_folder(share, share_path)}
-            if name not in listing:
-                raise seafile.ShareError(f"{name!r} is not in folder {share_path!r} of {share}")
-            seafile.download(share, listing[name]["file_path"], target, oid, size)
+            file_path = seafile.find_file(share, share_path, Path(name).name, size,
+                                          attempts=attempts)
+            seafile.download(share, file_path, target, oid, size, attempts=attempts)
     except (seafile.ShareError, OSError, requests.RequestException) as error:
         host.log_styled(f"weights: {error}", fg="red", log_func=logger.error)
         return False
     return True
 
 
+def _put_in_place(model_dir: str, name: str, oid: str) -> StringCommand:
+    """Check a file's sha256 on the host, then rename it over its pointer and stamp it."""
+    partial, dest = shlex.quote(_partial(model_dir, name)), shlex.quote(f"{model_dir}/{name}")
+    stamp = shlex.quote(f"{model_dir}/{STAMPS}/{name}")
+    return StringCommand("sh", "-c", QuoteString(
+        f'echo "{oid}  "{partial} | sha256sum -c --quiet - >/dev/null 2>&1 '
+        f"|| {{ rm -f {partial}; echo {shlex.quote(f'ERROR: {name}: sha256 differs from the LFS pointer after the upload; the pointer was left in place')} >&2; exit 1; }}; "
+        f'mv -f {partial} {dest} && mkdir -p "$(dirname {stamp})" && echo {oid} > {stamp}.tmp '
+        f"&& mv -f {stamp}.tmp {stamp}"))
+
+
+def _stamp_in_place(model_dir: str, names: dict) -> StringCommand:
+    """Hash files already of the right size where they lie; stamp those that match."""
+    lines = []
+    for name, f in sorted(names.items()):
+        dest, stamp = shlex.quote(f"{model_dir}/{name}"), shlex.quote(f"{model_dir}/{STAMPS}/{name}")
+        lines.append(f'if echo "{f["oid"]}  "{dest} | sha256sum -c --quiet - >/dev/null 2>&1; '
+                     f'then mkdir -p "$(dirname {stamp})" && echo {f["oid"]} > {stamp}; fi')
+    return StringCommand("sh", "-c", QuoteString("; ".join(lines) + "; true"))
+
+
 @operation()
-def weights(s: Settings, model_dir: str, share: str, share_path: str):
+def weights(s: Settings, model_dir: str, share: str, share_path: str, mirror: str = ""):
     """
     Replace each LFS pointer of a model checkout by the verified weight file.
 
-    + s: the host's settings (weights_mode, weights_cache)
+    + s: the host's settings (weights_mode, weights_cache, python, install_dir)
     + model_dir: the model checkout on the host
     + share: the Seafile folder share link holding the weights
     + share_path: the folder inside the share
+    + mirror: for weights_mode='mirror', the URL of the folder holding this model's files
+
+    weights_mode: 'control' downloads each file once into the control machine's cache and
+    uploads it; 'direct' and 'mirror' run templates/fetch_weights.py.j2 on the host. In
+    every mode the host hashes the file against the pointer before it replaces it.
     """
     files = host.get_fact(LfsFiles, path=model_dir)
     if not files:
@@ -144,41 +326,55 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str):
             return
         host.noop(f"weights are listed once {model_dir} is cloned")
         return
-    todo = {n: f for n, f in files.items()
-            if not (f["verified"] == f["oid"] and f["actual"] == f["size"])}
+    todo = {n: f for n, f in files.items() if not _verified(f)}
     if not todo:
         host.noop(f"{len(files)} weight files verified in {model_dir}")
         return
-    cache = Path(s.weights_cache).expanduser()
-    yield StringCommand("mkdir", "-p", QuoteString(f"{model_dir}/{STAMPS}"))
-    for name, f in sorted(todo.items()):
-        dest = f"{model_dir}/{name}"
-        partial = f"{model_dir}/.{name}.partial"
-        if s.weights_mode == "control":
-            blob = cache / "blobs" / f["oid"]
-            yield FunctionCommand(fetch_to_cache, (cache, share, share_path, name, f["oid"],
-                                                   f["size"]), {})
-            yield FileUploadCommand(str(blob), partial)
-        else:
-            yield fail(f"weights_mode={s.weights_mode!r} is not implemented yet")
-            return
-        # The host checks the bytes itself before they replace the pointer.
-        yield StringCommand(
-            "sh", "-c", QuoteString(
-                f'echo "{f["oid"]}  {partial}" | sha256sum -c --quiet - '
-                f'|| {{ rm -f "{partial}"; echo "{name}: sha256 differs from the LFS pointer" >&2; '
-                f'exit 1; }}; mv -f "{partial}" "{dest}" && echo {f["oid"]} > "{model_dir}/{STAMPS}/{name}"'))
 
+    need = sum(f["size"] for f in todo.values() if f["actual"] != f["size"])
+    free = host.get_fact(FreeDiskBytes, path=model_dir)
+    if free < need:
+        yield fail(f"{model_dir}: {free / GB:.2f} GB free, the weights need {need / GB:.2f} GB; "
+                   "free space there or set install_dir to a larger filesystem")
+        return
+    yield StringCommand("mkdir", "-p", QuoteString(f"{model_dir}/{STAMPS}"))
+
+    # A file already of the right size (a lost stamp, a copy put there by hand) is hashed
+    # where it lies rather than downloaded again.
+    in_place = {n: f for n, f in todo.items() if f["actual"] == f["size"]}
+    if in_place:
+        yield _stamp_in_place(model_dir, in_place)
+        if host.state.is_executing:
+            todo = {n: f for n, f in host.get_fact(LfsFiles, path=model_dir).items()
+                    if not _verified(f)}
+            if not todo:
+                return
+
+    if s.weights_mode == "control":
+        cache = Path(s.weights_cache).expanduser()
+        for name, f in sorted(todo.items()):
+            yield FunctionCommand(fetch_to_cache, (cache, share, share_path, name, f["oid"],
+                                                   f["size"], s.weights_attempts), {})
+            yield FileUploadCommand(str(cache / "blobs" / f["oid"]), _partial(model_dir, name))
+            yield _put_in_place(model_dir, name, f["oid"])
+        return
+
+    script = f"{s.install_dir}/bin/fetch_weights_{Path(model_dir).name}.py"
+    yield from files_ops.template._inner(
+        src=str(TEMPLATE), dest=script, mode="644",
+        weights_mode=s.weights_mode, source_kind="mirror" if s.weights_mode == "mirror" else "seafile",
+        source=mirror if s.weights_mode == "mirror" else share, folder=share_path,
+        model_dir=model_dir, stamps=STAMPS, attempts=s.weights_attempts,
+        files=[{"name": n, "oid": f["oid"], "size": f["size"]} for n, f in sorted(todo.items())])
+    yield StringCommand(QuoteString(s.python), QuoteString(script))
 
 
 def auto_variant(plan: dict, ram_bytes: int) -> str:
     """The largest variant the host's first GPU holds (thresholds in data/models.toml);
     int4 on CPU-only hosts, the only variant meant for CPU inference."""
-    from .settings import load_toml
-
     if not plan["gpu"]:
         return "int4"
-    mem_gb = plan["gpus"][0]["memory_mib"] / 1024
+    mem_gb = mib_to_gb(plan["gpus"][0]["memory_mib"])
     variants = load_toml("models.toml")["variants"]
     for name in ("fp16", "int8", "int4"):
         if mem_gb >= variants[name]["gpu_mem_gb"]:

@@ -60,6 +60,7 @@ class Settings:
     weights_share_path: str = ""
     weights_mirror: str = ""
     weights_cache: str = "~/.cache/chatglm-deploy"
+    weights_attempts: int = 6
     cuda_version: str = ""
     driver_branch: str = ""
     cudnn: str = ""
@@ -146,6 +147,9 @@ def settings_for(host) -> Settings:
     if s.weights_mode not in ("control", "direct", "mirror"):
         raise SettingError(host.name, "weights_mode", f"= {s.weights_mode!r} is unknown",
                            "use 'control', 'direct' or 'mirror'")
+    if s.weights_attempts < 1:
+        raise SettingError(host.name, "weights_attempts", f"= {s.weights_attempts} is below 1",
+                           "set it to the tries in a row without progress before giving up (6)")
     if s.weights_mode == "mirror" and not s.weights_mirror:
         raise SettingError(host.name, "weights_mirror", "is empty while weights_mode='mirror'",
                            "set weights_mirror to the LAN HTTP URL holding the weight files")
@@ -155,11 +159,19 @@ def settings_for(host) -> Settings:
     for name in ("weights_share", "seafile_url", "weights_mirror", "code_url", "model_url",
                  "cuda_repo_url"):
         if getattr(s, name):
-            _check_url(host.name, name, getattr(s, name))
+            _check_url(host.name, name, getattr(s, name),
+                       ("http", "https") if name == "weights_mirror" else ("http", "https", "git", "file"))
     if not s.install_dir.startswith("/"):
         raise SettingError(host.name, "install_dir", f"= {s.install_dir!r} is not absolute",
                            "use an absolute path such as '/opt/chatglm'")
     return s
+
+
+def mirror_url(mirror: str, name: str) -> str:
+    """The folder of a model's files on a LAN mirror: '{name}' in weights_mirror becomes the
+    model repo's name (chatglm-6b-int4 ...), else the files are under <weights_mirror>/<name>/."""
+    url = mirror.format(name=name) if "{name}" in mirror else f"{mirror.rstrip('/')}/{name}"
+    return url.rstrip("/") + "/"
 
 
 def source_for(s: Settings, variant: str) -> dict:
@@ -178,6 +190,8 @@ def source_for(s: Settings, variant: str) -> dict:
         else v["share_path"],
         "name": v["name"],
     }
+    if s.weights_mirror:
+        src["mirror"] = mirror_url(s.weights_mirror, v["name"])
     for key in ("code_revision", "model_revision"):
         rev = src[key]
         if not _is_commit(rev) and not s.allow_floating_revision:

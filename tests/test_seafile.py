@@ -239,6 +239,33 @@ def test_fault_cut_then_resume(seaf, tree):
     assert rest.status_code == 206 and bytes(got) + rest.content == data
 
 
+def test_fault_expire_cuts_and_kills_the_token(seaf, tree):
+    data = (tree / "share" / "big.bin").read_bytes()
+    add_faults(seaf, {"match": "big.bin", "kind": "expire", "after": 70_000})
+    loc = location(seaf, "/big.bin")
+    with pytest.raises(requests.exceptions.RequestException):
+        with requests.get(loc, stream=True) as resp:
+            for _ in resp.iter_content(65536):
+                pass
+    assert seaf.stats()["bytes_sent"] == 70_000
+    dead = requests.get(loc, headers={"Range": "bytes=70000-"})
+    assert (dead.status_code, dead.text) == (403, "Bad access token\n")
+    # A fresh redirect resumes where the break was.
+    rest = requests.get(location(seaf, "/big.bin"), headers={"Range": "bytes=70000-"})
+    assert rest.status_code == 206 and rest.content == data[70_000:]
+
+
+def test_fault_corrupt_is_kept_for_the_response_that_sends_its_byte(seaf, tree):
+    data = (tree / "share" / "big.bin").read_bytes()
+    add_faults(seaf, {"match": "big.bin", "kind": "cut", "after": 1000},
+               {"match": "big.bin", "kind": "corrupt", "offset": 2000})
+    loc = location(seaf, "/big.bin")
+    with pytest.raises(requests.exceptions.RequestException):
+        requests.get(loc).content
+    rest = requests.get(loc, headers={"Range": "bytes=1000-"}).content
+    assert rest[1000] == data[2000] ^ 0xFF and rest[1001:] == data[2001:]
+
+
 def test_fault_corrupt(seaf, tree):
     data = (tree / "share" / "big.bin").read_bytes()
     add_faults(seaf, {"match": "/big.bin", "kind": "corrupt", "offset": 1_234_567})

@@ -1,0 +1,292 @@
+"""The model stage end to end over SSH on lab hosts h9-h14: clones, weights, kernel, patch.
+
+Each test writes its own inventory (the lab's connection data plus the scenario's
+settings), runs the real deploy with stages system,model,kernel, and checks the hosts
+by hand and the Seafile stand-in's byte counts (/_lab/stats). The tests share hosts but
+not install_dir: each starts from no model at all, and only the OS packages of an
+earlier test (no change then) save time.
+"""
+
+import ast
+import hashlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+
+from lab import lab as labmod
+from lab.lab import LAB, PORTS
+from lab.remotes import GIT_ENV
+from operations.kernel import MARK
+from tests import quantization_variants
+from tests.test_deploy_lab import totals
+
+SEAFILE = f"http://127.0.0.1:{PORTS['seafile']}"
+GIT = f"git://127.0.0.1:{PORTS['git']}"
+MIRROR = f"http://127.0.0.1:{PORTS['www']}/models/"
+STAGES = "system,model,kernel"
+MODELS = {"fp16": "chatglm-6b", "int8": "chatglm-6b-int8", "int4": "chatglm-6b-int4"}
+# Every weight file of each model repo, checked against the pointer committed at HEAD.
+CHECK_WEIGHTS = (
+    "cd {d} && git ls-files -z | xargs -0 git check-attr filter -- | "
+    "sed -n 's/: filter: lfs$//p' | while read -r f; do "
+    "echo \"$(git show HEAD:\"$f\" | sed -n 's/^oid sha256://p')  $f\"; done | sha256sum -c --strict")
+
+
+def model_dir(variant, install_dir="/opt/chatglm"):
+    return f"{install_dir}/models/{MODELS[variant]}"
+
+
+def inventory(name: str, hosts: dict) -> Path:
+    """An inventory of the lab's hosts named in hosts, each with the scenario's data on top."""
+    scope = {}
+    exec(labmod.LAB.joinpath("inventory.py").read_text(), scope)
+    base = dict(scope["lab"])
+    lines = ["lab = ["]
+    for host, data in hosts.items():
+        merged = {**base[host], "stages": STAGES, "smoke_test": False,
+                  "report_dir": str(LAB / "reports-model-tests"), **data}
+        lines.append(f"    ({host!r}, {merged!r}),")
+    path = LAB / f"inventory-{name}.py"
+    path.write_text("\n".join(lines + ["]", ""]))
+    return path
+
+
+def seafile(method, path, **kw):
+    resp = requests.request(method, f"{SEAFILE}/_lab/{path}", timeout=10, **kw)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def share_files() -> dict:
+    """{sha256: size} of every file the shares hold."""
+    out = {}
+    for f in (LAB / "share").rglob("*"):
+        if f.is_file():
+            out[hashlib.sha256(f.read_bytes()).hexdigest()] = f.stat().st_size
+    return out
+
+
+def weights_ok(lab, host, variant, install_dir="/opt/chatglm") -> bool:
+    proc = lab.ssh(host, CHECK_WEIGHTS.format(d=model_dir(variant, install_dir)), check=False)
+    return proc.returncode == 0 and proc.stdout.count(": OK") >= 2
+
+
+def git(cwd, *args):
+    env = {**GIT_ENV, "PATH": "/usr/bin:/bin", "GIT_LFS_SKIP_SMUDGE": "1",
+           "GIT_AUTHOR_DATE": "2023-04-12T12:00:00+08:00",
+           "GIT_COMMITTER_DATE": "2023-04-12T12:00:00+08:00"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def variant_repo(kind: str, name: str, transform) -> str:
+    """A copy of THUDM/<name> served at lab-tests/<kind>/<name> with quantization.py rewritten,
+    its new commit tagged <kind>; returns the commit."""
+    work = LAB / "git-work" / kind / name
+    bare = LAB / "git" / "lab-tests" / kind / name
+    for d in (work, bare):
+        shutil.rmtree(d, ignore_errors=True)
+    work.parent.mkdir(parents=True, exist_ok=True)
+    git(work.parent, "clone", "-q", str(LAB / "git" / "THUDM" / name), str(work))
+    q = work / "quantization.py"
+    q.write_text(transform(q.read_text()))
+    git(work, "commit", "-q", "-am", f"quantization.py: {kind} shape of quantize()")
+    git(work, "tag", kind)
+    commit = git(work, "rev-parse", "HEAD")
+    bare.parent.mkdir(parents=True, exist_ok=True)
+    git(work.parent, "clone", "-q", "--bare", str(work), str(bare))
+    return commit
+
+
+def said(output: str, host: str, text: str) -> bool:
+    """pyinfra printed text on a line of host's."""
+    return any(re.match(rf"\s*\[{host}\]\s", line) and text in line
+               for line in output.splitlines())
+
+
+def clean(lab, hosts, install_dir):
+    """No model under install_dir (a rerun of a test starts from scratch too)."""
+    for host in hosts:
+        lab.ssh(host, f"rm -rf {install_dir}")
+
+
+@pytest.fixture
+def fresh_share(lab):
+    seafile("DELETE", "faults")
+    seafile("DELETE", "stats")
+    yield
+    seafile("DELETE", "faults")
+
+
+def test_control_cache_three_variants_rerun_and_dry_diff(lab, fresh_share):
+    """int4 twice, int8, and fp16 (auto on an H100), one control cache: one download per file."""
+    cache = LAB / "cache-control-test"
+    shutil.rmtree(cache, ignore_errors=True)
+    clean(lab, ("h9", "h10", "h11", "h12"), "/opt/chatglm")
+    common = {"weights_mode": "control", "weights_cache": str(cache)}
+    inv = inventory("control", {"h9": {**common, "variant": "int4"},
+                                "h10": {**common, "variant": "int4"},
+                                "h11": {**common, "variant": "int8"},
+                                "h12": {**common, "variant": "auto"}})
+    first = lab.deploy(inventory=inv)
+    assert first.returncode == 0, first.stdout[-6000:]
+    assert "Model: memory and disk for fp16" in first.stdout  # auto on the H100
+
+    for host, variant in (("h9", "int4"), ("h10", "int4"), ("h11", "int8"), ("h12", "fp16")):
+        assert weights_ok(lab, host, variant), host
+    # Every distinct file crossed the wire once, whatever the number of hosts and variants
+    # needing it (ice_text.model is the same in all three repos).
+    stats = seafile("GET", "stats")
+    shared = share_files()
+    blobs = {p.name: p.stat().st_size for p in (cache / "blobs").iterdir()}
+    assert set(blobs) <= set(shared) and len(blobs) == 5, blobs
+    assert stats["bytes_sent"] == sum(blobs.values()), stats
+    assert stats["redirects"] == len(blobs), stats
+    # The kernel where quantization needs it, built from the serial source on this 2-core
+    # machine's hosts; quantization.py loads it by absolute path.
+    for host, variant in (("h9", "int4"), ("h11", "int8")):
+        d = model_dir(variant)
+        out = lab.ssh(host, f"ls {d}; grep -n '{MARK}' {d}/quantization.py").stdout
+        assert "quantization_kernels.so" in out and f"'{d}/quantization_kernels.so'" in out
+    assert "quantization_kernels" not in lab.ssh("h12", f"ls {model_dir('fp16')}").stdout
+
+    # A rerun asks the share nothing and changes nothing.
+    seafile("DELETE", "stats")
+    second = lab.deploy(inventory=inv)
+    assert second.returncode == 0, second.stdout[-4000:]
+    t = totals(second.stdout)
+    assert t["success"] == 0 and t["error"] == 0 and t["no_change"] == t["hosts"], t
+    assert seafile("GET", "stats")["requests"] == 0
+
+    # --dry --diff shows the patch of an unpatched quantization.py and changes nothing.
+    d = model_dir("int4")
+    lab.ssh("h9", f"git -C {d} checkout -- quantization.py")
+    dry = lab.deploy("--dry", "--diff", "--limit", "h9", inventory=inv)
+    assert dry.returncode == 0, dry.stdout[-3000:]
+    assert f"Will modify {d}/quantization.py" in dry.stdout.replace("\x1b[1m", "").replace(
+        "\x1b[0m", "")
+    assert f'kwargs.setdefault("kernel_file", \'{d}/quantization_kernels.so\')' in dry.stdout
+    assert lab.ssh("h9", f"grep -c '{MARK}' {d}/quantization.py", check=False).stdout.strip() == "0"
+
+
+def test_direct_with_share_faults_mirror_and_floating_april_revision(lab, fresh_share):
+    """direct through a token dying mid-file and a corrupted byte; mirror; a floating tag
+    resolved on the host, pointing at the April 2023 shape of quantize()."""
+    april = variant_repo("april", "chatglm-6b-int4", quantization_variants.april)
+    bin4 = f"/{MODELS['int4']}/pytorch_model.bin"
+    size = (LAB / "share" / "quantized" / bin4.strip("/")).stat().st_size
+    seafile("POST", "faults", json=[{"match": bin4, "kind": "expire", "after": 65536},
+                                     {"match": bin4, "kind": "corrupt", "offset": size // 2}])
+    where = "/opt/t2"
+    clean(lab, ("h9", "h10", "h11"), where)
+    inv = inventory("direct", {
+        "h9": {"variant": "int4", "weights_mode": "direct", "install_dir": where},
+        "h10": {"variant": "int8", "weights_mode": "mirror", "weights_mirror": MIRROR,
+                "install_dir": where},
+        "h11": {"variant": "int4", "weights_mode": "mirror", "weights_mirror": MIRROR,
+                "model_url": f"{GIT}/lab-tests/april/{{name}}", "install_dir": where,
+                "model_revisions": {"int4": "april"}, "allow_floating_revision": True}})
+    first = lab.deploy(inventory=inv)
+    assert first.returncode == 0, first.stdout[-6000:]
+    for host, variant in (("h9", "int4"), ("h10", "int8"), ("h11", "int4")):
+        assert weights_ok(lab, host, variant, where), host
+
+    stats = seafile("GET", "stats")
+    # h9: 64 KiB, then the token died with the connection; a fresh redirect resumed the
+    # rest, whose corrupted byte failed the sha256; one more full download.
+    assert stats["per_file"].get(bin4) == 65536 + (size - 65536) + size, stats
+    assert stats["redirects"] == 3 + 1, stats  # + ice_text.model
+    # Mirror hosts never touch the share.
+    assert not any("int8" in p for p in stats["per_file"]), stats
+    assert seafile("GET", "faults")["faults"] == []
+
+    # The floating tag was resolved on the host, and the April shape patched in its try block.
+    d = model_dir("int4", where)
+    assert lab.ssh("h11", f"git -C {d} rev-parse HEAD").stdout.strip() == april
+    assert f"floating revision 'april' of {GIT}/lab-tests/april/chatglm-6b-int4 is {april}" \
+        in first.stdout
+    text = lab.ssh("h11", f"cat {d}/quantization.py").stdout
+    ast.parse(text)
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if MARK in line)
+    assert lines[at - 1:at + 2] == [
+        "    try:", f"        kwargs.setdefault(\"kernel_file\", '{d}/quantization_kernels.so')  {MARK}",
+        "        load_cpu_kernel(**kwargs)"], lines[at - 1:at + 2]
+
+    second = lab.deploy(inventory=inv)
+    t = totals(second.stdout)
+    assert second.returncode == 0 and t["success"] == 0 and t["no_change"] == t["hosts"], \
+        second.stdout[-4000:]
+
+
+def test_failures_are_clear_and_leave_no_wrong_file(lab, fresh_share):
+    """A share answering 500, a file missing from the share, too little GPU memory, too
+    little disk, and a quantization.py the patch does not know: each fails its host with
+    the reason, and no pointer is replaced by anything unverified."""
+    bin8 = f"/{MODELS['int8']}/pytorch_model.bin"
+    seafile("POST", "faults", json=[{"match": bin8, "kind": "status", "code": 500, "times": -1}])
+    variant_repo("broken", "chatglm-6b-int8", quantization_variants.no_call)
+    shard = LAB / "share" / "fp16" / "pytorch_model-00002-of-00002.bin"
+    hidden = shard.with_name("hidden.bin")
+    shard.rename(hidden)
+    where = "/opt/t3"
+    clean(lab, ("h9", "h10", "h12", "h13"), where)
+    lab.ssh("h14", "mkdir -p /opt/small && (mountpoint -q /opt/small || "
+                   "mount -t tmpfs -o size=16m tmpfs /opt/small)")
+    try:
+        inv = inventory("failures", {
+            "h9": {"variant": "int8", "weights_mode": "direct", "weights_attempts": 2,
+                   "install_dir": where},
+            "h12": {"variant": "fp16", "weights_mode": "control", "install_dir": where,
+                    "weights_cache": str(LAB / "cache-failures-test")},
+            "h13": {"variant": "int8", "gpu_compute_cap": "8.6", "gpu_memory_mib": 6144,
+                    "install_dir": where},
+            "h14": {"variant": "int4", "install_dir": "/opt/small/chatglm"},
+            "h10": {"variant": "int8", "weights_mode": "mirror", "weights_mirror": MIRROR,
+                    "model_url": f"{GIT}/lab-tests/broken/{{name}}", "install_dir": where,
+                    "model_revisions": {"int8": "broken"}, "allow_floating_revision": True}})
+        shutil.rmtree(LAB / "cache-failures-test", ignore_errors=True)
+        run = lab.deploy(inventory=inv)
+    finally:
+        hidden.rename(shard)
+        lab.ssh("h14", "umount /opt/small", check=False)
+    out = run.stdout
+    (LAB / "failures-run.log").write_text(out)  # for a look when an assertion below fails
+    # Every host failed, so pyinfra ends with "No hosts remaining" instead of its table.
+    assert run.returncode != 0 and "No hosts remaining" in out, out[-6000:]
+
+    # h9: the share answered 500 to every try.
+    assert said(out, "h9", "ERROR: pytorch_model.bin: got 0 of 321267 bytes; 2 tries in a row "
+                           "brought nothing (last: dl=1 answered HTTP 500); rerun to resume")
+    d8 = model_dir("int8", where)
+    pointer = lab.ssh("h9", f"head -c 40 {d8}/pytorch_model.bin").stdout
+    assert pointer.startswith("version https://git-lfs")
+    assert lab.ssh("h9", f"test -e {d8}/.chatglm-verified/pytorch_model.bin", check=False).returncode
+
+    # h12: the listing lacks a shard: named, with what the folder holds.
+    assert said(out, "h12", "weights: 'pytorch_model-00002-of-00002.bin' is not in folder '/'")
+    shard2 = f"{model_dir('fp16', where)}/pytorch_model-00002-of-00002.bin"
+    assert lab.ssh("h12", f"head -c 40 {shard2}").stdout.startswith("version https://git-lfs")
+
+    # h13, h14: stopped before anything was installed or downloaded.
+    assert said(out, "h13", "ERROR: h13: int8 needs 10 GB of GPU memory, GPU 0 (NVIDIA device "
+                            "0x1f99) has 6.4 GB. Fix: ")
+    assert said(out, "h14", "ERROR: h14: the weights need 5.00 GB (data/models.toml) under "
+                            "/opt/small/chatglm/models/chatglm-6b-int4, 0.02 GB are free. Fix: ")
+    for host in ("h13", "h14"):
+        assert lab.ssh(host, f"ls {where} /opt/small/chatglm", check=False).stdout == ""
+    assert lab.ssh("h13", "command -v git gcc", check=False).stdout == ""
+
+    # h10: the weights are in; the patch names the file and the line it needs.
+    assert weights_ok(lab, "h10", "int8", where)
+    assert said(out, "h10", f"ERROR: {d8}/quantization.py: the line 'load_cpu_kernel(**kwargs)' "
+                            "(in quantize()) was not found")
+    assert MARK not in lab.ssh("h10", f"cat {d8}/quantization.py").stdout
+
+    # Nothing was served for the hosts that stopped early, nor past the 500s.
+    stats = seafile("GET", "stats")
+    assert bin8 not in stats["per_file"] and not any("int4" in p for p in stats["per_file"]), stats

@@ -1,0 +1,385 @@
+"""Spec tests for the model and kernel operations (operations/model.py, operations/kernel.py).
+
+As in tests/test_gpu_specs.py: each operation's generator runs against a fake host whose
+facts the test gives, and the commands it yields are compared; nothing connects anywhere.
+The lab tests (tests/test_model_lab.py) run the same operations for real.
+"""
+
+import os
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+from pyinfra.api.command import FileUploadCommand
+from pyinfra.context import ctx_host, ctx_state
+
+from operations import kernel, model
+from operations.settings import SettingError, mirror_url, settings_for, source_for
+from tests import quantization_variants
+from tests.test_gpu_specs import FailCommand, FakeDataHost, FakeHost
+from tests.test_gpu_specs import render as render_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "model-test"
+C1, C2 = "a" * 40, "b" * 40
+URL = "git://git.example/THUDM/chatglm-6b-int4"
+D = "/opt/chatglm/models/chatglm-6b-int4"
+OID = "1" * 64
+SHARE = "https://cloud.example/d/674208019e314311ab5c/"
+CPU = {"gpu": False, "gpus": []}
+GB = 10 ** 9
+
+
+class Host(FakeHost):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.logged = []
+
+    def log_styled(self, message, **kwargs):
+        self.logged.append(message)
+
+
+def render(command):
+    if isinstance(command, FileUploadCommand) and isinstance(command.src, str):
+        return {"upload": command.dest, "src": command.src}  # a control-cache blob, not there yet
+    return render_spec(command)
+
+
+def run(op, facts=None, executing=False, **args):
+    """(commands, fake host) of op._inner(**args); fail() is rendered as {"fail": message}."""
+    config = SimpleNamespace(DIFF=False, TEMP_DIR="/tmp", SUDO=False)
+    state = SimpleNamespace(is_executing=executing, config=config, cwd=str(ROOT), inventory=None)
+    fake = Host(HOST, facts or {}, state)
+    with ExitStack() as stack:
+        for module in (model, kernel):
+            stack.enter_context(mock.patch.object(module, "fail", FailCommand))
+        stack.enter_context(ctx_state.use(state))
+        stack.enter_context(ctx_host.use(fake))
+        commands = [render(c) for c in op._inner(**args)]
+    return commands, fake
+
+
+def settings(**data):
+    return settings_for(FakeDataHost(HOST, data))
+
+
+def lfs(actual=-1, verified="-", size=1000, oid=OID):
+    return {"pytorch_model.bin": {"oid": oid, "size": size, "actual": actual, "verified": verified}}
+
+
+# --- clone ---------------------------------------------------------------------------------
+
+def test_clone_fresh_checks_out_the_pin_without_smudge():
+    commands, _ = run(model.clone, {f"model.GitHead(path={D})": ""}, url=URL, dest=D, revision=C1)
+    assert commands[1] == f"GIT_LFS_SKIP_SMUDGE=1 git clone --quiet --no-checkout {URL} {D}.partial"
+    assert commands[2].endswith(f"checkout --quiet --detach {C1}")
+    assert f"mv {D}.partial {D}" in commands[3] and "is not a git checkout" in commands[3]
+    assert f'[ "$head" = {C1} ]' in commands[4] and "not the pinned" in commands[4]
+
+
+def test_clone_at_the_pin_is_a_noop():
+    commands, fake = run(model.clone, {f"model.GitHead(path={D})": C1}, url=URL, dest=D,
+                         revision=C1)
+    assert commands == [] and fake.noops == [f"{D} is at {C1[:12]}"]
+
+
+def test_clone_moves_an_existing_checkout_and_drops_its_stamps():
+    commands, _ = run(model.clone, {f"model.GitHead(path={D})": C2}, url=URL, dest=D, revision=C1)
+    assert commands[0] == f"git -C {D} remote set-url origin {URL}"
+    assert commands[2].endswith(f"checkout --quiet --force --detach {C1}")
+    assert commands[3] == f"rm -rf {D}/.chatglm-verified"
+
+
+def test_floating_revision_refused_without_permission():
+    commands, _ = run(model.clone, {}, url=URL, dest=D, revision="main")
+    assert "allow_floating_revision=True" in commands[-1]["fail"]
+
+
+REFS = {"refs/tags/v1.1.0": "c" * 40, "refs/tags/v1.1.0^{}": C1, "refs/heads/main": C2,
+        "refs/heads/dev": C1, "refs/tags/dev": C2}
+
+
+@pytest.mark.parametrize("ref, commit, why", [
+    ("v1.1.0", C1, ""),            # annotated tag: the commit it points at
+    ("main", C2, ""),
+    ("dev", "", "ambiguous"),     # a branch and a tag of one name, different commits
+    ("nope", "", "no branch or tag 'nope'"),
+])
+def test_resolve_ref(ref, commit, why):
+    got, reason = model.resolve_ref(REFS, ref)
+    assert got == commit and why in reason
+
+
+def test_floating_revision_resolved_on_the_host():
+    facts = {f"model.RemoteRefs(ref=v1.1.0, url={URL})": REFS, f"model.GitHead(path={D})": C1}
+    commands, fake = run(model.clone, facts, url=URL, dest=D, revision="v1.1.0",
+                         allow_floating=True)
+    assert commands == [] and fake.noops  # the tag's commit is checked out already
+    assert f"floating revision 'v1.1.0' of {URL} is {C1}" in fake.logged[0]
+
+
+def test_floating_revision_unknown_fails_at_execution():
+    facts = {f"model.RemoteRefs(ref=v9, url={URL})": REFS}
+    commands, _ = run(model.clone, facts, executing=True, url=URL, dest=D, revision="v9",
+                      allow_floating=True)
+    assert commands == [{"fail": f"{URL}: no branch or tag 'v9'; fix model_revision(s)/code_revision"}]
+
+
+def test_floating_revision_before_git_is_installed_is_a_change():
+    facts = {f"model.RemoteRefs(ref=main, url={URL})": {}, f"model.GitHead(path={D})": ""}
+    commands, _ = run(model.clone, facts, url=URL, dest=D, revision="main", allow_floating=True)
+    assert commands and commands[2].endswith("--detach main")
+
+
+def test_settings_refuse_a_floating_ref_naming_host_setting_and_fix():
+    with pytest.raises(SettingError) as info:
+        source_for(settings(model_revision="main", code_revision=C1), "int4")
+    text = str(info.value)
+    assert HOST in text and "'model_revision'" in text and "Fix:" in text
+    assert "allow_floating_revision=True" in text
+    src = source_for(settings(model_revision="main", code_revision="v1.1.0",
+                              allow_floating_revision=True), "int4")
+    assert (src["model_revision"], src["code_revision"]) == ("main", "v1.1.0")
+
+
+@pytest.mark.parametrize("data, setting", [
+    ({"weights_mirror": "ftp://mirror.lan/models/", "weights_mode": "mirror"}, "weights_mirror"),
+    ({"weights_mode": "mirror"}, "weights_mirror"),
+    ({"weights_attempts": 0}, "weights_attempts"),
+    ({"weights_mode": "torrent"}, "weights_mode"),
+])
+def test_bad_weights_settings(data, setting):
+    with pytest.raises(SettingError, match=f"'{setting}'"):
+        settings(**data)
+
+
+def test_mirror_url():
+    assert mirror_url("http://m.lan/models", "chatglm-6b-int4") == \
+        "http://m.lan/models/chatglm-6b-int4/"
+    assert mirror_url("http://m.lan/{name}/main/", "chatglm-6b") == "http://m.lan/chatglm-6b/main/"
+    src = source_for(settings(weights_mirror="http://m.lan/w/", code_revision=C1,
+                              model_revision=C2), "int8")
+    assert src["mirror"] == "http://m.lan/w/chatglm-6b-int8/"
+
+
+# --- variant and resources -----------------------------------------------------------------
+
+@pytest.mark.parametrize("mib, variant", [(81559, "fp16"), (16384, "fp16"), (12288, "int8"),
+                                          (10240, "int8"), (8192, "int4"), (4096, "int4")])
+def test_auto_variant_by_gpu_memory(mib, variant):
+    plan = {"gpu": True, "gpus": [{"name": "x", "memory_mib": mib}]}
+    assert model.auto_variant(plan, 0) == variant
+
+
+def test_auto_variant_cpu_is_int4():
+    assert model.auto_variant(CPU, 512 * GB) == "int4"
+
+
+def resources(variant="int4", plan=CPU, ram=64 * GB, free=100 * GB, files=None, executing=True,
+              **data):
+    facts = {"system.MemoryBytes": ram, f"model.LfsFiles(path={D})": files or {},
+             f"system.FreeDiskBytes(path={D})": free}
+    return run(model.check_resources, facts, executing=executing, s=settings(**data),
+               variant=variant, plan=plan, model_dir=D)
+
+
+def test_resources_suffice(tmp_path):
+    commands, fake = resources(weights_cache=str(tmp_path))
+    assert commands == [] and "memory and disk space suffice" in fake.noops[0]
+
+
+def test_too_little_gpu_memory_fails_before_anything():
+    plan = {"gpu": True, "gpus": [{"name": "Tesla T4", "memory_mib": 15360}]}
+    commands, _ = resources("int8", plan, weights_mode="direct")
+    assert resources("fp16", plan, weights_mode="direct")[0] == []
+    plan["gpus"][0]["memory_mib"] = 8192
+    commands, _ = resources("int8", plan, weights_mode="direct")
+    message = commands[-1]["fail"]
+    assert "int8 needs 10 GB of GPU memory, GPU 0 (Tesla T4) has 8.6 GB" in message
+    assert message.startswith(HOST) and "Fix: set variant to a smaller one" in message
+
+
+def test_too_little_ram_on_a_cpu_host():
+    commands, _ = resources("fp16", ram=24 * GB, weights_mode="direct")
+    assert "fp16 on CPU needs 32 GB of RAM, the host has 24.0 GB" in commands[-1]["fail"]
+
+
+def test_too_little_disk_estimated_before_the_clone_exact_after():
+    commands, _ = resources(free=4 * GB, weights_mode="direct")
+    assert "the weights need 5.00 GB (data/models.toml)" in commands[-1]["fail"]
+    # Cloned: the pointers say 1000 bytes; a verified file needs nothing.
+    assert resources(free=2000, files=lfs(), weights_mode="direct")[0] == []
+    commands, _ = resources(free=999, files=lfs(), weights_mode="direct")
+    assert "the weights need 0.00 GB (the LFS pointers)" in commands[-1]["fail"]
+    assert resources(free=0, files=lfs(1000, OID), weights_mode="direct")[0] == []
+
+
+def test_control_cache_space_is_checked(tmp_path):
+    usage = SimpleNamespace(total=0, used=0, free=GB)
+    with mock.patch.object(model.shutil, "disk_usage", return_value=usage):
+        commands, _ = resources(weights_cache=str(tmp_path / "cache"))
+    assert f"the control cache {tmp_path / 'cache'} needs 5.00 GB, 1.00 GB are free" \
+        in commands[-1]["fail"]
+    # A blob already in the cache needs no space.
+    blobs = tmp_path / "cache" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / OID).write_bytes(b"x" * 1000)
+    with mock.patch.object(model.shutil, "disk_usage", return_value=SimpleNamespace(free=0)):
+        assert resources(files=lfs(), weights_cache=str(tmp_path / "cache"))[0] == []
+
+
+def test_collection_logs_the_shortage_for_dry_runs():
+    _, fake = resources("fp16", ram=8 * GB, executing=False, weights_mode="direct")
+    assert "fp16 on CPU needs 32 GB of RAM" in fake.logged[0]
+
+
+# --- weights -------------------------------------------------------------------------------
+
+def weights(files, free=100 * GB, executing=True, extra_facts=None, **data):
+    s = settings(code_revision=C1, model_revision=C2, **data)
+    facts = {f"model.LfsFiles(path={D})": files, f"system.FreeDiskBytes(path={D})": free,
+             **(extra_facts or {})}
+    return run(model.weights, facts, executing=executing, s=s, model_dir=D, share=SHARE,
+               share_path="/chatglm-6b-int4/", mirror="http://m.lan/chatglm-6b-int4/")
+
+
+def test_weights_verified_is_a_noop():
+    commands, fake = weights(lfs(1000, OID))
+    assert commands == [] and fake.noops == [f"1 weight files verified in {D}"]
+
+
+def test_weights_not_cloned_yet():
+    assert weights({}, executing=False)[1].noops
+    assert "has no LFS-tracked files" in weights({})[0][-1]["fail"]
+
+
+def test_weights_control_mode():
+    commands, _ = weights(lfs(), weights_cache="/var/cache/w")
+    assert commands[0] == f"mkdir -p {D}/.chatglm-verified"
+    assert commands[1] == {"function": "fetch_to_cache"}
+    assert commands[2] == {"upload": f"{D}/.pytorch_model.bin.partial",
+                           "src": f"/var/cache/w/blobs/{OID}"}
+    assert f'echo "{OID}  "{D}/.pytorch_model.bin.partial | sha256sum -c' in commands[3]
+    assert f"mv -f {D}/.pytorch_model.bin.partial {D}/pytorch_model.bin" in commands[3]
+    assert len(commands) == 4
+
+
+@pytest.mark.parametrize("mode, kind, source", [("direct", "seafile", SHARE),
+                                                ("mirror", "mirror", "http://m.lan/chatglm-6b-int4/")])
+def test_weights_on_the_host(mode, kind, source):
+    script = "/opt/chatglm/bin/fetch_weights_chatglm-6b-int4.py"
+    facts = {f"files.File(path={script})": None, f"files.Directory(path={script})": None,
+             "files.Directory(path=/opt/chatglm/bin)": {"mode": 755}}
+    data = {"weights_mirror": "http://m.lan/"} if mode == "mirror" else {}
+    commands, _ = weights(lfs(), extra_facts=facts, weights_mode=mode, weights_attempts=3, **data)
+    upload = commands[1]
+    assert upload["upload"] == script
+    content = upload["content"]
+    assert f'MODE = "{kind}"' in content and f'SOURCE = "{source}"' in content
+    assert f'"oid": "{OID}"' in content and "ATTEMPTS = 3" in content
+    assert commands[-1] == f"python3 {script}"
+
+
+def test_weights_too_little_disk_fails_before_downloading():
+    commands, _ = weights(lfs(), free=999)
+    assert commands == [{"fail": f"{D}: 0.00 GB free, the weights need 0.00 GB; free space "
+                                 "there or set install_dir to a larger filesystem"}]
+
+
+def test_weights_of_the_right_size_are_hashed_in_place_not_downloaded():
+    commands, _ = weights(lfs(1000, "-"), free=0)
+    assert commands[0] == f"mkdir -p {D}/.chatglm-verified"
+    assert "sha256sum -c --quiet" in commands[1] and commands[1].endswith("; true'")
+    # The fake's LfsFiles does not change: the download follows, as it would after a mismatch.
+    assert commands[2] == {"function": "fetch_to_cache"}
+
+
+# --- kernel patch --------------------------------------------------------------------------
+
+FIXTURE = (ROOT / "lab" / "fixtures" / "chatglm" / "quantization.py").read_text()
+KERNEL = f"{D}/quantization_kernels.so"
+Q = f"{D}/quantization.py"
+
+
+@pytest.mark.parametrize("shape", ["final", "april"])
+def test_patch_both_upstream_shapes(shape):
+    text = FIXTURE if shape == "final" else quantization_variants.april(FIXTURE)
+    new = kernel.patched(text, Q, KERNEL)
+    compile(new, Q, "exec")
+    lines = new.split("\n")
+    at = next(i for i, line in enumerate(lines) if kernel.MARK in line)
+    assert lines[at + 1].strip() == "load_cpu_kernel(**kwargs)"
+    assert lines[at].startswith(lines[at + 1][: len(lines[at + 1]) - len(lines[at + 1].lstrip())])
+    assert len(new.split("\n")) == len(text.split("\n")) + 1
+    assert kernel.patched(new, Q, KERNEL) == new  # idempotent
+    # Another kernel path (say, now 4 cores: the parallel kernel) replaces the line.
+    other = kernel.patched(new, Q, KERNEL.replace(".so", "_parallel.so"))
+    assert other.count(kernel.MARK) == 1 and "_parallel.so" in other
+
+
+def test_patch_operation_and_unknown_file():
+    facts = {"system.CpuCount": 2, f"kernel.FileText(path={Q})": FIXTURE,
+             f"files.File(path={Q})": {"mode": 644}}
+    with mock.patch.object(kernel.files.put, "_inner", lambda **kw: iter([f"put {kw['dest']}"])):
+        commands, _ = run(kernel.patch_quantization, facts, executing=True, model_dir=D)
+    assert commands == [f"put {Q}"]
+    patched = kernel.patched(FIXTURE, Q, KERNEL)
+    commands, fake = run(kernel.patch_quantization, {**facts, f"kernel.FileText(path={Q})": patched},
+                         model_dir=D)
+    assert commands == [] and fake.noops == [f"{Q} already loads {KERNEL}"]
+    broken = quantization_variants.no_call(FIXTURE)
+    commands, _ = run(kernel.patch_quantization, {**facts, f"kernel.FileText(path={Q})": broken},
+                      executing=True, model_dir=D)
+    message = commands[-1]["fail"]
+    assert message.startswith(f"{Q}: the line 'load_cpu_kernel(**kwargs)' (in quantize()) was "
+                              "not found")
+
+
+def int4_copy(src: Path, work: Path, quantization: str) -> Path:
+    """The int4 fixture model (weights linked) with quantization.py replaced."""
+    work.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.suffix in (".bin", ".model"):
+            (work / f.name).symlink_to(f)
+        else:
+            (work / f.name).write_bytes(f.read_bytes())
+    (work / "quantization.py").write_text(quantization)
+    return work
+
+
+def test_patched_models_load_the_prebuilt_kernel(tmp_path):
+    """Loaded as the smoke test loads them, both upstream shapes of quantize(), once patched,
+    take the prebuilt kernel: no 'No compiled kernel found', no gcc. Unpatched, the fixture
+    compiles as upstream does (so the check can see it)."""
+    from lab.lab import ensure_fixtures
+
+    src = Path(ensure_fixtures()["int4"]["dir"])
+    so = tmp_path / "quantization_kernels.so"
+    subprocess.run(["gcc", "-O3", "-fPIC", "-pthread", "-fopenmp", "-std=c99",
+                    str(src / "quantization_kernels.c"), "-shared", "-o", str(so)], check=True)
+    dirs = {
+        "unpatched": int4_copy(src, tmp_path / "unpatched", FIXTURE),
+        "final": int4_copy(src, tmp_path / "final", kernel.patched(FIXTURE, Q, str(so))),
+        "april": int4_copy(src, tmp_path / "april", kernel.patched(
+            quantization_variants.april(FIXTURE), Q, str(so))),
+    }
+    code = ("import sys\nfrom transformers import AutoModel\n"
+            "for d in sys.argv[1:]:\n"
+            "    print('=== ' + d, flush=True)\n"
+            "    AutoModel.from_pretrained(d, trust_remote_code=True)\n"
+            "    print(flush=True)\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, dirs.values())], text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    out = {name: part for name, part in zip(dirs, proc.stdout.split("=== ")[1:])}
+    assert "No compiled kernel found" in out["unpatched"]
+    for shape in ("final", "april"):
+        assert "No compiled kernel found" not in out[shape] and "Compiling" not in out[shape]
+        assert f"Load kernel : {so}" in out[shape], out[shape]

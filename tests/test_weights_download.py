@@ -1,0 +1,253 @@
+"""Both weight downloaders through the same share faults, against the Seafile stand-in.
+
+`control` is operations/seafile.py (requests + tqdm, run by pyinfra on the control
+machine); `host` is templates/fetch_weights.py.j2 rendered as the deploy renders it and
+run with this machine's Python as it runs on a host (standard library only). Every
+fault must end in a resumed download or a clear error, and never in a wrong file
+where the weights belong.
+"""
+
+import ast
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab.pyindex import StaticServer
+from lab.seafile import SeafileStandIn
+from operations import seafile
+from operations.model import STAMPS, TEMPLATE
+from pyinfra.api.util import get_template
+
+TOKEN = "674208019e314311ab5c"
+FOLDER = "/chatglm-6b-int4/"
+NAME = "pytorch_model.bin"
+SIZE = 700_001  # eleven of the fileserver's 64 KiB chunks, and a bit
+FILE_PATH = FOLDER + NAME
+
+
+@pytest.fixture(scope="module")
+def share(tmp_path_factory):
+    root = tmp_path_factory.mktemp("share")
+    (root / FOLDER.strip("/")).mkdir()
+    data = os.urandom(SIZE)
+    (root / FOLDER.strip("/") / NAME).write_bytes(data)
+    (root / FOLDER.strip("/") / "ice_text.model").write_bytes(b"sp" * 100)
+    return root, data
+
+
+@pytest.fixture(scope="module")
+def seaf(share):
+    server = SeafileStandIn(shares={TOKEN: share[0]}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def clean(seaf):
+    seaf.clear_faults()
+    seaf.reset_stats()
+
+
+class Result:
+    def __init__(self, ok, error, placed, partial):
+        self.ok, self.error, self.placed, self.partial = ok, error, placed, partial
+
+
+def run_control(seaf, tmp, data, size=SIZE, partial=b"", name=NAME):
+    """operations/seafile.py as fetch_to_cache uses it: find, download into the cache."""
+    oid = hashlib.sha256(data).hexdigest()
+    target = tmp / "cache" / "blobs" / oid
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if partial:
+        target.with_name(oid + ".partial").write_bytes(partial)
+    share_url = f"{seaf.url}/d/{TOKEN}/"
+    try:
+        path = seafile.find_file(share_url, FOLDER, name, size, backoff=0)
+        seafile.download(share_url, path, target, oid, size, progress=False, backoff=0,
+                         attempts=3)
+        error = ""
+    except seafile.ShareError as e:
+        error = str(e)
+    placed = target.read_bytes() if target.exists() else None
+    left = target.with_name(oid + ".partial")
+    return Result(not error, error, placed, left.read_bytes() if left.exists() else None)
+
+
+def render_fetcher(tmp, source_kind, source, files, folder=FOLDER) -> Path:
+    model_dir = tmp / "model"
+    model_dir.mkdir(exist_ok=True)
+    script = tmp / "fetch_weights.py"
+    script.write_text(get_template(str(TEMPLATE)).render(
+        weights_mode="direct" if source_kind == "seafile" else "mirror", source_kind=source_kind,
+        source=source, folder=folder, model_dir=str(model_dir), stamps=STAMPS, files=files, attempts=6))
+    return script
+
+
+def run_host(seaf, tmp, data, size=SIZE, partial=b"", name=NAME, mirror=None):
+    """templates/fetch_weights.py.j2 as the weights operation runs it on a host."""
+    oid = hashlib.sha256(data).hexdigest()
+    model_dir = tmp / "model"
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / name).write_text(pointer_text(oid, size))
+    if partial:
+        (model_dir / f".{name}.partial").write_bytes(partial)
+    files = [{"name": name, "oid": oid, "size": size}]
+    script = (render_fetcher(tmp, "mirror", mirror, files) if mirror else
+              render_fetcher(tmp, "seafile", f"{seaf.url}/d/{TOKEN}/", files))
+    proc = subprocess.run([sys.executable, str(script), "--attempts", "3", "--backoff", "0"],
+                          capture_output=True, text=True, timeout=60)
+    errors = [l[len("ERROR: "):] for l in proc.stderr.splitlines() if l.startswith("ERROR: ")]
+    assert (proc.returncode == 0) == (not errors), proc.stderr
+    placed = (model_dir / name).read_bytes()
+    stamp = model_dir / STAMPS / name
+    if proc.returncode == 0:
+        assert stamp.read_text().strip() == oid
+    else:
+        # Never a wrong file in place: the pointer stays until the bytes are verified.
+        assert placed == pointer_text(oid, size).encode() and not stamp.exists()
+        placed = None
+    left = model_dir / f".{name}.partial"
+    return Result(proc.returncode == 0, "\n".join(errors), placed,
+                  left.read_bytes() if left.exists() else None)
+
+
+def pointer_text(oid, size):
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n"
+
+
+DRIVERS = {"control": run_control, "host": run_host}
+
+
+def resumed(seaf) -> bool:
+    """Resumed, not restarted: at most the bytes of the read the break spoiled come twice
+    (urllib3 drops a short read; http.client keeps it)."""
+    sent = seaf.stats()["per_file"][FILE_PATH]
+    return SIZE <= sent <= SIZE + seafile.READ
+
+
+@pytest.fixture(params=sorted(DRIVERS))
+def fetch(request, seaf, share, tmp_path):
+    driver = DRIVERS[request.param]
+    return lambda **kw: driver(seaf, tmp_path, share[1], **kw)
+
+
+def test_clean_download(fetch, seaf, share):
+    r = fetch()
+    assert r.ok and r.placed == share[1] and r.partial is None
+    stats = seaf.stats()
+    assert stats["per_file"] == {FILE_PATH: SIZE} and stats["redirects"] == 1
+
+
+def test_connection_cut_mid_file_resumes_with_range(fetch, seaf, share):
+    seaf.add_faults([{"match": NAME, "kind": "cut", "after": 300_000}])
+    r = fetch()
+    assert r.ok and r.placed == share[1]
+    assert resumed(seaf) and seaf.stats()["redirects"] == 2
+
+
+def test_expired_token_mid_file_resumes_through_a_fresh_redirect(fetch, seaf, share):
+    seaf.add_faults([{"match": NAME, "kind": "expire", "after": 200_000}])
+    r = fetch()
+    assert r.ok and r.placed == share[1]
+    assert resumed(seaf) and seaf.stats()["redirects"] == 2
+
+
+def test_corrupted_byte_is_caught_and_fetched_again(fetch, seaf, share):
+    seaf.add_faults([{"match": NAME, "kind": "corrupt", "offset": 500_000}])
+    r = fetch()
+    assert r.ok and r.placed == share[1]
+    assert seaf.stats()["per_file"] == {FILE_PATH: 2 * SIZE}
+
+
+def test_corrupted_every_time_is_a_clear_error(fetch, seaf):
+    seaf.add_faults([{"match": NAME, "kind": "corrupt", "offset": 10, "times": -1}])
+    r = fetch()
+    assert not r.ok and r.placed is None and r.partial is None
+    assert "differs from the LFS pointer" in r.error and "twice" in r.error
+
+
+def test_http_500_once_is_retried(fetch, seaf, share):
+    seaf.add_faults([{"match": NAME, "kind": "status", "code": 500}])
+    r = fetch()
+    assert r.ok and r.placed == share[1]
+
+
+def test_http_500_always_is_a_clear_error_and_keeps_the_partial(fetch, seaf, share):
+    seaf.add_faults([{"match": NAME, "kind": "status", "code": 500, "times": -1}])
+    r = fetch(partial=share[1][:100_000])
+    assert not r.ok and r.placed is None
+    assert "HTTP 500" in r.error and "3 tries in a row" in r.error and "rerun to resume" in r.error
+    assert r.partial == share[1][:100_000]  # the next run resumes from here
+
+
+def test_rerun_resumes_a_partial_file(fetch, seaf, share):
+    r = fetch(partial=share[1][:400_000])
+    assert r.ok and r.placed == share[1]
+    assert seaf.stats()["per_file"] == {FILE_PATH: SIZE - 400_000}
+
+
+def test_listing_500_once_is_retried(fetch, seaf, share):
+    seaf.add_faults([{"match": FOLDER, "kind": "status", "code": 500}])
+    assert fetch().ok
+
+
+def test_missing_file_is_a_clear_error_before_any_download(fetch, seaf):
+    r = fetch(name="pytorch_model-00009-of-00009.bin")
+    assert not r.ok and "is not in folder" in r.error and "pytorch_model.bin" in r.error
+    assert seaf.stats()["bytes_sent"] == 0
+
+
+def test_share_size_differing_from_the_pointer_is_a_clear_error(fetch, seaf):
+    r = fetch(size=SIZE + 1)
+    assert not r.ok and "the LFS pointer says" in r.error and str(SIZE + 1) in r.error
+    assert seaf.stats()["bytes_sent"] == 0
+
+
+@pytest.fixture
+def mirror(share):
+    server = StaticServer(str(share[0]), port=0).start()
+    yield f"{server.url}{FOLDER}"
+    server.stop()
+
+
+def test_mirror_download(seaf, share, tmp_path, mirror):
+    r = run_host(seaf, tmp_path, share[1], mirror=mirror)
+    assert r.ok and r.placed == share[1]
+
+
+def test_mirror_without_range_support_starts_over(seaf, share, tmp_path, mirror):
+    # The lab's static server ignores Range (200): the partial must not be appended to.
+    r = run_host(seaf, tmp_path, share[1], mirror=mirror, partial=share[1][:1000])
+    assert r.ok and r.placed == share[1]
+
+
+def test_mirror_missing_file_is_a_clear_error(seaf, share, tmp_path, mirror):
+    r = run_host(seaf, tmp_path, share[1], mirror=mirror, name="nothing.bin")
+    assert not r.ok and "HTTP 404" in r.error
+
+
+def test_free_space_is_checked_before_downloading(seaf, share, tmp_path):
+    oid = hashlib.sha256(share[1]).hexdigest()
+    files = [{"name": NAME, "oid": oid, "size": 1 << 60}]
+    script = render_fetcher(tmp_path, "seafile", f"{seaf.url}/d/{TOKEN}/", files)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "GB needed for the weights" in proc.stderr
+    assert seaf.stats()["requests"] == 0
+    with pytest.raises(seafile.ShareError, match="GB needed"):
+        seafile.download(f"{seaf.url}/d/{TOKEN}/", FILE_PATH, tmp_path / "x", oid, 1 << 60,
+                         progress=False)
+
+
+def test_fetcher_is_standard_library_python_3_8(tmp_path):
+    source = render_fetcher(tmp_path, "seafile", "https://cloud.example/d/abc/", []).read_text()
+    ast.parse(source, feature_version=(3, 8))
+    imported = {n.names[0].name.split(".")[0] for n in ast.walk(ast.parse(source))
+                if isinstance(n, ast.Import)}
+    imported |= {n.module.split(".")[0] for n in ast.walk(ast.parse(source))
+                 if isinstance(n, ast.ImportFrom)}
+    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+    assert "FILES = []" in source and "ATTEMPTS = 6" in source
