@@ -37,12 +37,12 @@ GPU_DATA = {h: dict(GPU_STAGES) for h in GPUS}
 GPU_DATA["h7"].update(driver_branch="570", cuda_version="12.8")
 GPU_DATA.update(h9={"stages": "system,python"}, h10={"stages": "system,python"})
 
-# h9-h14: the model stage (tests/test_model_lab.py writes their data into its own inventories).
-# h12 holds fp16 (too big for a CPU host's RAM) on a simulated H100; h13 has a 6 GiB GPU of
+# h15-h20: the model stage (tests/test_model_lab.py writes their data into its own inventories).
+# h18 holds fp16 (too big for a CPU host's RAM) on a simulated H100; h19 has a 6 GiB GPU of
 # an id missing from data/compat.toml.
-HOSTS += [f"h{i}" for i in range(9, 15)]
-GPUS.update({"h12": {"gpus": [H100]},
-             "h13": {"gpus": [{**H100, "name": "NVIDIA small", "memory_mib": 6144,
+HOSTS += [f"h{i}" for i in range(15, 21)]
+GPUS.update({"h18": {"gpus": [H100]},
+             "h19": {"gpus": [{**H100, "name": "NVIDIA small", "memory_mib": 6144,
                                "device_id": "0x1f99"}]}})
 
 

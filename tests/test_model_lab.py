@@ -1,4 +1,4 @@
-"""The model stage end to end over SSH on lab hosts h9-h14: clones, weights, kernel, patch.
+"""The model stage end to end over SSH on lab hosts h15-h20: clones, weights, kernel, patch.
 
 Each test writes its own inventory (the lab's connection data plus the scenario's
 settings), runs the real deploy with stages system,model,kernel, and checks the hosts
@@ -126,17 +126,17 @@ def test_control_cache_three_variants_rerun_and_dry_diff(lab, fresh_share):
     """int4 twice, int8, and fp16 (auto on an H100), one control cache: one download per file."""
     cache = LAB / "cache-control-test"
     shutil.rmtree(cache, ignore_errors=True)
-    clean(lab, ("h9", "h10", "h11", "h12"), "/opt/chatglm")
+    clean(lab, ("h15", "h16", "h17", "h18"), "/opt/chatglm")
     common = {"weights_mode": "control", "weights_cache": str(cache)}
-    inv = inventory("control", {"h9": {**common, "variant": "int4"},
-                                "h10": {**common, "variant": "int4"},
-                                "h11": {**common, "variant": "int8"},
-                                "h12": {**common, "variant": "auto"}})
+    inv = inventory("control", {"h15": {**common, "variant": "int4"},
+                                "h16": {**common, "variant": "int4"},
+                                "h17": {**common, "variant": "int8"},
+                                "h18": {**common, "variant": "auto"}})
     first = lab.deploy(inventory=inv)
     assert first.returncode == 0, first.stdout[-6000:]
     assert "Model: memory and disk for fp16" in first.stdout  # auto on the H100
 
-    for host, variant in (("h9", "int4"), ("h10", "int4"), ("h11", "int8"), ("h12", "fp16")):
+    for host, variant in (("h15", "int4"), ("h16", "int4"), ("h17", "int8"), ("h18", "fp16")):
         assert weights_ok(lab, host, variant), host
     # Every distinct file crossed the wire once, whatever the number of hosts and variants
     # needing it (ice_text.model is the same in all three repos).
@@ -148,11 +148,11 @@ def test_control_cache_three_variants_rerun_and_dry_diff(lab, fresh_share):
     assert stats["redirects"] == len(blobs), stats
     # The kernel where quantization needs it, built from the serial source on this 2-core
     # machine's hosts; quantization.py loads it by absolute path.
-    for host, variant in (("h9", "int4"), ("h11", "int8")):
+    for host, variant in (("h15", "int4"), ("h17", "int8")):
         d = model_dir(variant)
         out = lab.ssh(host, f"ls {d}; grep -n '{MARK}' {d}/quantization.py").stdout
         assert "quantization_kernels.so" in out and f"'{d}/quantization_kernels.so'" in out
-    assert "quantization_kernels" not in lab.ssh("h12", f"ls {model_dir('fp16')}").stdout
+    assert "quantization_kernels" not in lab.ssh("h18", f"ls {model_dir('fp16')}").stdout
 
     # A rerun asks the share nothing and changes nothing.
     seafile("DELETE", "stats")
@@ -164,13 +164,13 @@ def test_control_cache_three_variants_rerun_and_dry_diff(lab, fresh_share):
 
     # --dry --diff shows the patch of an unpatched quantization.py and changes nothing.
     d = model_dir("int4")
-    lab.ssh("h9", f"git -C {d} checkout -- quantization.py")
-    dry = lab.deploy("--dry", "--diff", "--limit", "h9", inventory=inv)
+    lab.ssh("h15", f"git -C {d} checkout -- quantization.py")
+    dry = lab.deploy("--dry", "--diff", "--limit", "h15", inventory=inv)
     assert dry.returncode == 0, dry.stdout[-3000:]
     assert f"Will modify {d}/quantization.py" in dry.stdout.replace("\x1b[1m", "").replace(
         "\x1b[0m", "")
     assert f'kwargs.setdefault("kernel_file", \'{d}/quantization_kernels.so\')' in dry.stdout
-    assert lab.ssh("h9", f"grep -c '{MARK}' {d}/quantization.py", check=False).stdout.strip() == "0"
+    assert lab.ssh("h15", f"grep -c '{MARK}' {d}/quantization.py", check=False).stdout.strip() == "0"
 
 
 def test_direct_with_share_faults_mirror_and_floating_april_revision(lab, fresh_share):
@@ -182,21 +182,21 @@ def test_direct_with_share_faults_mirror_and_floating_april_revision(lab, fresh_
     seafile("POST", "faults", json=[{"match": bin4, "kind": "expire", "after": 65536},
                                      {"match": bin4, "kind": "corrupt", "offset": size // 2}])
     where = "/opt/t2"
-    clean(lab, ("h9", "h10", "h11"), where)
+    clean(lab, ("h15", "h16", "h17"), where)
     inv = inventory("direct", {
-        "h9": {"variant": "int4", "weights_mode": "direct", "install_dir": where},
-        "h10": {"variant": "int8", "weights_mode": "mirror", "weights_mirror": MIRROR,
+        "h15": {"variant": "int4", "weights_mode": "direct", "install_dir": where},
+        "h16": {"variant": "int8", "weights_mode": "mirror", "weights_mirror": MIRROR,
                 "install_dir": where},
-        "h11": {"variant": "int4", "weights_mode": "mirror", "weights_mirror": MIRROR,
+        "h17": {"variant": "int4", "weights_mode": "mirror", "weights_mirror": MIRROR,
                 "model_url": f"{GIT}/lab-tests/april/{{name}}", "install_dir": where,
                 "model_revisions": {"int4": "april"}, "allow_floating_revision": True}})
     first = lab.deploy(inventory=inv)
     assert first.returncode == 0, first.stdout[-6000:]
-    for host, variant in (("h9", "int4"), ("h10", "int8"), ("h11", "int4")):
+    for host, variant in (("h15", "int4"), ("h16", "int8"), ("h17", "int4")):
         assert weights_ok(lab, host, variant, where), host
 
     stats = seafile("GET", "stats")
-    # h9: 64 KiB, then the token died with the connection; a fresh redirect resumed the
+    # h15: 64 KiB, then the token died with the connection; a fresh redirect resumed the
     # rest, whose corrupted byte failed the sha256; one more full download.
     assert stats["per_file"].get(bin4) == 65536 + (size - 65536) + size, stats
     assert stats["redirects"] == 3 + 1, stats  # + ice_text.model
@@ -206,10 +206,10 @@ def test_direct_with_share_faults_mirror_and_floating_april_revision(lab, fresh_
 
     # The floating tag was resolved on the host, and the April shape patched in its try block.
     d = model_dir("int4", where)
-    assert lab.ssh("h11", f"git -C {d} rev-parse HEAD").stdout.strip() == april
+    assert lab.ssh("h17", f"git -C {d} rev-parse HEAD").stdout.strip() == april
     assert f"floating revision 'april' of {GIT}/lab-tests/april/chatglm-6b-int4 is {april}" \
         in first.stdout
-    text = lab.ssh("h11", f"cat {d}/quantization.py").stdout
+    text = lab.ssh("h17", f"cat {d}/quantization.py").stdout
     ast.parse(text)
     lines = text.splitlines()
     at = next(i for i, line in enumerate(lines) if MARK in line)
@@ -234,58 +234,58 @@ def test_failures_are_clear_and_leave_no_wrong_file(lab, fresh_share):
     hidden = shard.with_name("hidden.bin")
     shard.rename(hidden)
     where = "/opt/t3"
-    clean(lab, ("h9", "h10", "h12", "h13"), where)
-    lab.ssh("h14", "mkdir -p /opt/small && (mountpoint -q /opt/small || "
+    clean(lab, ("h15", "h16", "h18", "h19"), where)
+    lab.ssh("h20", "mkdir -p /opt/small && (mountpoint -q /opt/small || "
                    "mount -t tmpfs -o size=16m tmpfs /opt/small)")
     try:
         inv = inventory("failures", {
-            "h9": {"variant": "int8", "weights_mode": "direct", "weights_attempts": 2,
+            "h15": {"variant": "int8", "weights_mode": "direct", "weights_attempts": 2,
                    "install_dir": where},
-            "h12": {"variant": "fp16", "weights_mode": "control", "install_dir": where,
+            "h18": {"variant": "fp16", "weights_mode": "control", "install_dir": where,
                     "weights_cache": str(LAB / "cache-failures-test")},
-            "h13": {"variant": "int8", "gpu_compute_cap": "8.6", "gpu_memory_mib": 6144,
+            "h19": {"variant": "int8", "gpu_compute_cap": "8.6", "gpu_memory_mib": 6144,
                     "install_dir": where},
-            "h14": {"variant": "int4", "install_dir": "/opt/small/chatglm"},
-            "h10": {"variant": "int8", "weights_mode": "mirror", "weights_mirror": MIRROR,
+            "h20": {"variant": "int4", "install_dir": "/opt/small/chatglm"},
+            "h16": {"variant": "int8", "weights_mode": "mirror", "weights_mirror": MIRROR,
                     "model_url": f"{GIT}/lab-tests/broken/{{name}}", "install_dir": where,
                     "model_revisions": {"int8": "broken"}, "allow_floating_revision": True}})
         shutil.rmtree(LAB / "cache-failures-test", ignore_errors=True)
         run = lab.deploy(inventory=inv)
     finally:
         hidden.rename(shard)
-        lab.ssh("h14", "umount /opt/small", check=False)
+        lab.ssh("h20", "umount /opt/small", check=False)
     out = run.stdout
     (LAB / "failures-run.log").write_text(out)  # for a look when an assertion below fails
     # Every host failed, so pyinfra ends with "No hosts remaining" instead of its table.
     assert run.returncode != 0 and "No hosts remaining" in out, out[-6000:]
 
-    # h9: the share answered 500 to every try.
-    assert said(out, "h9", "ERROR: pytorch_model.bin: got 0 of 321267 bytes; 2 tries in a row "
+    # h15: the share answered 500 to every try.
+    assert said(out, "h15", "ERROR: pytorch_model.bin: got 0 of 321267 bytes; 2 tries in a row "
                            "brought nothing (last: dl=1 answered HTTP 500); rerun to resume")
     d8 = model_dir("int8", where)
-    pointer = lab.ssh("h9", f"head -c 40 {d8}/pytorch_model.bin").stdout
+    pointer = lab.ssh("h15", f"head -c 40 {d8}/pytorch_model.bin").stdout
     assert pointer.startswith("version https://git-lfs")
-    assert lab.ssh("h9", f"test -e {d8}/.chatglm-verified/pytorch_model.bin", check=False).returncode
+    assert lab.ssh("h15", f"test -e {d8}/.chatglm-verified/pytorch_model.bin", check=False).returncode
 
-    # h12: the listing lacks a shard: named, with what the folder holds.
-    assert said(out, "h12", "weights: 'pytorch_model-00002-of-00002.bin' is not in folder '/'")
+    # h18: the listing lacks a shard: named, with what the folder holds.
+    assert said(out, "h18", "weights: 'pytorch_model-00002-of-00002.bin' is not in folder '/'")
     shard2 = f"{model_dir('fp16', where)}/pytorch_model-00002-of-00002.bin"
-    assert lab.ssh("h12", f"head -c 40 {shard2}").stdout.startswith("version https://git-lfs")
+    assert lab.ssh("h18", f"head -c 40 {shard2}").stdout.startswith("version https://git-lfs")
 
-    # h13, h14: stopped before anything was installed or downloaded.
-    assert said(out, "h13", "ERROR: h13: int8 needs 10 GB of GPU memory, GPU 0 (NVIDIA device "
+    # h19, h20: stopped before anything was installed or downloaded.
+    assert said(out, "h19", "ERROR: h19: int8 needs 10 GB of GPU memory, GPU 0 (NVIDIA device "
                             "0x1f99) has 6.4 GB. Fix: ")
-    assert said(out, "h14", "ERROR: h14: the weights need 5.00 GB (data/models.toml) under "
+    assert said(out, "h20", "ERROR: h20: the weights need 5.00 GB (data/models.toml) under "
                             "/opt/small/chatglm/models/chatglm-6b-int4, 0.02 GB are free. Fix: ")
-    for host in ("h13", "h14"):
+    for host in ("h19", "h20"):
         assert lab.ssh(host, f"ls {where} /opt/small/chatglm", check=False).stdout == ""
-    assert lab.ssh("h13", "command -v git gcc", check=False).stdout == ""
+    assert lab.ssh("h19", "command -v git gcc", check=False).stdout == ""
 
-    # h10: the weights are in; the patch names the file and the line it needs.
-    assert weights_ok(lab, "h10", "int8", where)
-    assert said(out, "h10", f"ERROR: {d8}/quantization.py: the line 'load_cpu_kernel(**kwargs)' "
+    # h16: the weights are in; the patch names the file and the line it needs.
+    assert weights_ok(lab, "h16", "int8", where)
+    assert said(out, "h16", f"ERROR: {d8}/quantization.py: the line 'load_cpu_kernel(**kwargs)' "
                             "(in quantize()) was not found")
-    assert MARK not in lab.ssh("h10", f"cat {d8}/quantization.py").stdout
+    assert MARK not in lab.ssh("h16", f"cat {d8}/quantization.py").stdout
 
     # Nothing was served for the hosts that stopped early, nor past the 500s.
     stats = seafile("GET", "stats")
