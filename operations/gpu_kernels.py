@@ -72,7 +72,7 @@ def patched(text: str, fatbin: str) -> str | None:
         if line.startswith(BLOB_LINE):
             lines.insert(i + 1, (
                 'quantization_code = __import__("base64").b64encode(__import__("bz2").compress('
-                f'open({fatbin!r}, "rb").read())).decode()  {MARK}'))
+                f'__import__("pathlib").Path({fatbin!r}).read_bytes())).decode()  {MARK}'))
             return "\n".join(lines)
     return None
 

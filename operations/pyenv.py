@@ -76,6 +76,29 @@ class EnvPython(FactBase):
         return json.loads(output[-1])
 
 
+SITE_PTH = (
+    "want=$({python} -c 'import site; print(chr(10).join(site.getsitepackages()))'); "
+    "pth=$({env}/bin/python -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')"
+    "/_chatglm_system_site.pth; "
+)
+
+
+class SystemSitePth(FactBase):
+    """Whether the venv's .pth lists the creating interpreter's own site-packages (which
+    --system-site-packages misses when that interpreter is itself a venv)."""
+
+    def command(self, env, python):
+        return (SITE_PTH.format(env=env, python=python)
+                + '[ "$(cat "$pth" 2>/dev/null)" = "$want" ] && echo ok || echo missing')
+
+    @staticmethod
+    def default():
+        return False
+
+    def process(self, output):
+        return output[-1].strip() == "ok"
+
+
 class Interpreter(FactBase):
     """'3.11' for the interpreter that creates the venv, None when it is not there."""
 
@@ -228,6 +251,13 @@ def env(py: dict):
         else:
             host.noop(f"venv {target} has Python {have['version']}"
                       f"{' with the system site-packages' if have['system_site_packages'] else ''}")
+        if py["system_site_packages"] and not host.get_fact(SystemSitePth, env=target,
+                                                            python=py["interpreter"]):
+            # The H100 image's python3 is itself a venv (/opt/torch/.venv): its torch lives
+            # in that venv's site-packages, which --system-site-packages does not reach.
+            yield StringCommand("sh", "-c", QuoteString(
+                SITE_PTH.format(env=target, python=py["interpreter"])
+                + 'printf "%s\\n" "$want" > "$pth"'))
     if py["index"]:
         yield from files.put._inner(
             src=render("pip.conf.j2", env=target, index=py["index"], trusted_host=py["trusted_host"]),

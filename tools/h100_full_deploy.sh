@@ -103,14 +103,14 @@ py - "$LOCK" "$INDEX_WHEELS" <<'PY' || die "the index would not hold every pin o
 import sys
 from pathlib import Path
 from lab.pyindex import dist_info
-from operations.pyenv import normalize, read_lock
+from operations.pyplan import normalize, read_lock
 lock, wheels = Path(sys.argv[1]), Path(sys.argv[2])
 have = {}
 for path in wheels.iterdir():
     info = dist_info(path.name)
     if info:
         have.setdefault(normalize(str(info[0])), set()).add(str(info[1]))
-pins = read_lock(lock.stem)
+pins = read_lock(lock)["pins"]
 missing = [f"{n}=={v}" for n, v in sorted(pins.items()) if v not in have.get(n, set())]
 print(f"{len(pins)} pins, {len(pins) - len(missing)} served by the index")
 if missing:
@@ -133,7 +133,7 @@ PY
 section "stand-ins on loopback"
 trap 'section "stopping the stand-ins"; py lab.local down' EXIT
 DATA=(--data "python=$VENV_PYTHON" --data "requirements=$REQUIREMENTS"
-      --data venv_system_site_packages=true --data cudnn=none --data "install_dir=$INSTALL_DIR")
+      --data python_backend=venv --data venv_system_site_packages=true --data cudnn=none --data "install_dir=$INSTALL_DIR")
 for kv in $EXTRA_DATA; do DATA+=(--data "$kv"); done
 py lab.local up --wheels "$INDEX_WHEELS" --fixtures "$LAB/fixtures.json" \
   --inventory "$LAB/inventory.py" "${DATA[@]}" > "$LAB/standins.log" 2>&1
