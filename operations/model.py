@@ -221,7 +221,10 @@ def check_resources(s: Settings, variant: str, plan: dict, model_dir: str):
         if have < need["cpu_ram_gb"]:
             problems.append(f"{variant} on CPU needs {need['cpu_ram_gb']} GB of RAM, the host "
                             f"has {have:.1f} GB")
-    if problems:
+    if problems and plan["gpu"] and not plan["gpus"][0]["memory_mib"]:
+        fixes.append("no driver reports GPU 0's memory and data/compat.toml does not know its "
+                     "PCI id: set gpu_memory_mib for this host")
+    elif problems:
         fixes.append("set variant to a smaller one ('int4' needs the least) or 'auto', or use a "
                      "host with more memory")
 

@@ -203,6 +203,12 @@ def test_too_little_gpu_memory_fails_before_anything():
     assert message.startswith(HOST) and "Fix: set variant to a smaller one" in message
 
 
+def test_unknown_gpu_memory_asks_for_gpu_memory_mib():
+    plan = {"gpu": True, "gpus": [{"name": "NVIDIA device 0x1f99", "memory_mib": 0}]}
+    message = resources("int4", plan, weights_mode="direct")[0][-1]["fail"]
+    assert "has 0.0 GB" in message and "set gpu_memory_mib for this host" in message
+
+
 def test_too_little_ram_on_a_cpu_host():
     commands, _ = resources("fp16", ram=24 * GB, weights_mode="direct")
     assert "fp16 on CPU needs 32 GB of RAM, the host has 24.0 GB" in commands[-1]["fail"]
