@@ -41,6 +41,9 @@ def inventory_data(commits: dict) -> dict:
     www, git, seafile = (f"127.0.0.1:{lab.PORTS[n]}" for n in ("www", "git", "seafile"))
     return {
         "pip_index_url": f"http://{www}/pypi/simple/",
+        # No conda installer or channel on loopback: a venv, torch (if the lock pins it) from here.
+        "python_backend": "venv",
+        "torch_index_url": f"http://{www}/pypi/simple/",
         "code_url": f"git://{git}/THUDM/ChatGLM-6B",
         "code_revision": commits["ChatGLM-6B"],
         "model_url": f"git://{git}/THUDM/{{name}}",

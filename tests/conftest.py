@@ -40,7 +40,8 @@ GPU_DATA.update(h9={"stages": "system,python"}, h10={"stages": "system,python"})
 # h15-h20: the model stage (tests/test_model_lab.py writes their data into its own inventories).
 # h18 holds fp16 (too big for a CPU host's RAM) on a simulated H100; h19 has a 6 GiB GPU of
 # an id missing from data/compat.toml.
-HOSTS += [f"h{i}" for i in range(15, 21)]
+# lab.up names its hosts h1..hN, so h12-h14 come up too (idle).
+HOSTS += [f"h{i}" for i in range(12, 21)]
 GPUS.update({"h18": {"gpus": [H100]},
              "h19": {"gpus": [{**H100, "name": "NVIDIA small", "memory_mib": 6144,
                                "device_id": "0x1f99"}]}})

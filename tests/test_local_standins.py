@@ -59,6 +59,7 @@ def test_local_up_serves_every_upstream_for_an_at_local_inventory_then_down(tmp_
         [(name, data)] = scope["local"]
         assert name == "@local"
         assert data["venv_system_site_packages"] is True and data["python"] == "/usr/bin/python3"
+        assert data["python_backend"] == "venv"  # no conda installer or channel on loopback
 
         heads = subprocess.run(["git", "ls-remote", data["code_url"]], capture_output=True, text=True,
                                timeout=30).stdout

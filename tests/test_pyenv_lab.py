@@ -1,12 +1,12 @@
 """The Python stage for real over SSH: venvs on lab hosts h9 (CPU) and h10 (a simulated
 H100), torch and the locks from the lab's package index.
 
-What is checked: the first run installs torch 2.13.0+cpu and the lock, a rerun changes
-nothing, a changed pin is applied on the next run, a venv that reuses the system
-Python's torch (venv_system_site_packages) is verified against that torch, a host whose
-torch does not match the resolver's plan fails clearly while the other host finishes, a
-Python the lock has no wheels for fails with the fix, and bad settings stop the run
-before any host is touched. (The conda backend cannot run here: no conda installer or
+What is checked: a venv that reuses the system Python's torch (venv_system_site_packages,
+as on the H100 host) gets the lock and is verified against that torch; a host whose torch
+does not match the resolver's plan fails clearly while the other host finishes; a rerun
+changes nothing; a changed pin is applied on the next run; a Python the lock has no
+wheels for fails with the fix; bad settings stop the run before any host is touched.
+The first run of a venv that installs torch 2.13.0+cpu itself is test_deploy_lab's. (The conda backend cannot run here: no conda installer or
 channel can be reached; tests/test_pyenv_specs.py checks its commands.)
 """
 
@@ -48,10 +48,6 @@ def inventory(lab, tmp_path: Path, name: str, hosts: dict) -> Path:
     return path
 
 
-def python_ops_changed(output: str) -> list[str]:
-    return [line for line in output.splitlines() if "Python:" in line and "Success" in line]
-
-
 def test_venv_pins_changes_and_checks(lab, tmp_path):
     # The lab's index gets a second idna release, for a pin that changes between runs.
     wheels = cache_dir() / "wheels"
@@ -59,27 +55,39 @@ def test_venv_pins_changes_and_checks(lab, tmp_path):
     extra.write_text("idna==3.10\n")
     pyindex.fill(str(extra), str(wheels))
     pyindex.write_index(str(wheels), str(LAB / "www" / "pypi"))
-    # torch into the system Python of h10 (for step 3) while steps 1 and 2 run on h9.
-    pool = ThreadPoolExecutor(1)
-    h10_torch = pool.submit(lab.ssh, "h10", INSTALL_SYSTEM_TORCH)
+    # torch in the system Python of both hosts, as the H100 host has it. (The first run of
+    # a venv that installs torch itself is test_deploy_lab's, on h1 and h2.)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda h: lab.ssh(h, INSTALL_SYSTEM_TORCH), ("h9", "h10")))
 
-    # 1. First run: venv, torch 2.13.0+cpu from the index, the lock; verify passes.
-    first_inv = inventory(lab, tmp_path, "first", {"h9": {}})
-    first = lab.deploy(inventory=first_inv)
-    assert first.returncode == 0, first.stdout[-5000:]
+    # 1. The system Python's torch reused through --system-site-packages on h9 (CPU); on h10,
+    # planned for CUDA 13.0 (an H100), the same CPU torch fails verify while h9 finishes.
+    no_torch = tmp_path / "no-torch.txt"
+    no_torch.write_text("".join(line + "\n" for line in CPU_LOCK.read_text().splitlines()
+                                if not line.startswith("torch==")))
+    system = {"requirements": str(no_torch), "venv_system_site_packages": True}
+    both = lab.deploy(inventory=inventory(lab, tmp_path, "system", {"h9": system, "h10": system}))
+    assert both.returncode != 0, both.stdout[-5000:]
+    assert "[h10]" in both.stdout and "torch 2.13.0+cpu is built for CPU only, but the resolver " \
+        "planned CUDA 13.0 (cu130)" in both.stdout, both.stdout[-5000:]
+    assert not [line for line in both.stdout.splitlines() if "[h9]" in line and "ERROR" in line]
     out = lab.ssh("h9", IN_ENV.format(env="/opt/chatglm/venv")).stdout.split()
-    assert out[:2] == ["2.13.0+cpu", "3.20"] and out[2].startswith("/opt/chatglm/venv/"), out
+    assert out[:2] == ["2.13.0+cpu", "3.20"], out
+    assert out[2].startswith("/usr/local/lib/python3.11/dist-packages/torch/"), out
+    assert "include-system-site-packages = true" in lab.ssh("h9", "cat /opt/chatglm/venv/pyvenv.cfg").stdout
     assert f"index-url = {INDEX}" in lab.ssh("h9", "cat /opt/chatglm/venv/pip.conf").stdout
     lock = lab.ssh("h9", "cat /opt/chatglm/requirements.lock").stdout
     assert "transformers==4.33.3" in lock and "\ntorch==" not in lock
+    assert lab.ssh("h9", "/opt/chatglm/venv/bin/pip list 2>/dev/null | grep -c '^transformers '").stdout.strip() == "1"
 
-    again = lab.deploy(inventory=first_inv)
+    system_inv = inventory(lab, tmp_path, "system-h9", {"h9": system})
+    again = lab.deploy(inventory=system_inv)
     assert again.returncode == 0 and totals(again.stdout)["success"] == 0, again.stdout[-3000:]
 
-    # 2. A changed pin is applied on the next run, and only that.
+    # 2. A changed pin is applied on the next run, and a rerun after it changes nothing.
     changed_lock = tmp_path / "changed.txt"
-    changed_lock.write_text(CPU_LOCK.read_text().replace("idna==3.20", "idna==3.10"))
-    changed_inv = inventory(lab, tmp_path, "changed", {"h9": {"requirements": str(changed_lock)}})
+    changed_lock.write_text(no_torch.read_text().replace("idna==3.20", "idna==3.10"))
+    changed_inv = inventory(lab, tmp_path, "changed", {"h9": {**system, "requirements": str(changed_lock)}})
     changed = lab.deploy(inventory=changed_inv)
     assert changed.returncode == 0, changed.stdout[-5000:]
     assert lab.ssh("h9", IN_ENV.format(env="/opt/chatglm/venv")).stdout.split()[:2] == \
@@ -87,28 +95,7 @@ def test_venv_pins_changes_and_checks(lab, tmp_path):
     rerun = lab.deploy(inventory=changed_inv)
     assert rerun.returncode == 0 and totals(rerun.stdout)["success"] == 0, rerun.stdout[-3000:]
 
-    # 3. The system Python's torch reused through --system-site-packages (h9), and on h10,
-    # planned for CUDA 13.0 (an H100), the same CPU torch fails verify; h9 still finishes.
-    lab.ssh("h9", INSTALL_SYSTEM_TORCH)
-    h10_torch.result()
-    pool.shutdown()
-    no_torch = tmp_path / "no-torch.txt"
-    no_torch.write_text("".join(line + "\n" for line in CPU_LOCK.read_text().splitlines()
-                                if not line.startswith("torch==")))
-    system = {"install_dir": "/opt/chatglm-sys", "requirements": str(no_torch),
-              "venv_system_site_packages": True}
-    both = lab.deploy(inventory=inventory(lab, tmp_path, "system", {"h9": system, "h10": system}))
-    assert both.returncode != 0, both.stdout[-5000:]
-    out = lab.ssh("h9", IN_ENV.format(env="/opt/chatglm-sys/venv")).stdout.split()
-    assert out[0] == "2.13.0+cpu" and out[2].startswith("/usr/local/lib/python3.11/dist-packages/"), out
-    assert "include-system-site-packages = true" in lab.ssh("h9", "cat /opt/chatglm-sys/venv/pyvenv.cfg").stdout
-    assert lab.ssh("h9", "ls /opt/chatglm-sys/venv/lib/python3.11/site-packages | grep -c '^torch'",
-                   check=False).stdout.strip() == "0"
-    assert "[h10]" in both.stdout and "torch 2.13.0+cpu is built for CPU only, but the resolver " \
-        "planned CUDA 13.0 (cu130)" in both.stdout, both.stdout[-5000:]
-    assert "[h9] " not in "".join(l for l in both.stdout.splitlines() if "ERROR:" in l)
-
-    # 4. A lock for another Python fails the host, with the way out.
+    # 3. A lock for another Python fails the host, with the way out; nothing is made.
     py312 = lab.deploy(inventory=inventory(lab, tmp_path, "py312", {"h9": {
         "install_dir": "/opt/chatglm-312", "requirements": "chatglm-py312-system-torch",
         "venv_system_site_packages": True}}))
@@ -117,7 +104,7 @@ def test_venv_pins_changes_and_checks(lab, tmp_path):
         "Python 3.12 only; Fix: set python to a Python 3.12 interpreter" in py312.stdout, py312.stdout[-3000:]
     assert lab.ssh("h9", "ls /opt/chatglm-312/venv", check=False).returncode != 0
 
-    # 5. Bad mirror settings stop the run before any host is touched.
+    # 4. Bad mirror settings stop the run before any host is touched.
     bad = lab.deploy(inventory=inventory(lab, tmp_path, "bad", {"h9": {
         "install_dir": "/opt/chatglm-bad", "pip_index_url": "https://pypi.tuna.tsinghua.edu.cn"}}))
     assert bad.returncode != 0
