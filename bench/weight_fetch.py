@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,6 @@ t = time.perf_counter()
 download({share!r}, {path!r}, {dest!r}, {sha!r}, {size}, progress=False)
 elapsed = time.perf_counter() - t
 io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
-import resource
 print(json.dumps({{"seconds": elapsed, "read_bytes": int(io["read_bytes"]),
                   "write_bytes": int(io["write_bytes"]),
                   "rchar": int(io["rchar"]),
