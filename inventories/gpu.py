@@ -67,6 +67,8 @@ GPU stack (resolved from data/compat.toml when unset):
     secure_boot_module_signed=False   a MOK is enrolled and DKMS signs the module
     gpu_compute_cap=""        for a GPU whose PCI id is not in data/compat.toml [pci]
     gpu_memory_mib=0          ... and its memory
+    check_memory=True         stop before any download when the GPU memory (or RAM on CPU
+                              hosts) is below data/models.toml's figure for the variant
     build_gpu_kernels=True    build int4/int8 GPU kernels on hosts whose GPU upstream's
                               embedded kernels do not cover (sm_90 and newer)
     stages="all"              or a comma list of gpu,system,python,cuda_libs,model,kernel,smoke

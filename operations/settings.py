@@ -68,6 +68,7 @@ class Settings:
     gpu_memory_mib: int = 0
     kernel_headers: bool = True
     build_gpu_kernels: bool = True
+    check_memory: bool = True
     secure_boot_module_signed: bool = False
     stages: str = "all"
     cuda_repo_url: str = "https://developer.download.nvidia.com/compute/cuda/repos"
