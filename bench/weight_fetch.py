@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from lab.seafile import SeafileStandIn  # noqa: E402
 
 CHILD = """
-import json, os, sys, time
+import json, os, resource, sys, time
 sys.path.insert(0, {root!r})
 from operations.seafile import download
 t = time.perf_counter()
