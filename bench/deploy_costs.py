@@ -42,6 +42,15 @@ def pyinfra(inventory, *args, env=None):
     return elapsed, proc.stdout
 
 
+def prepare(inventory, *args):
+    """A preparation deploy (not measured): a rerun converges if a host hiccuped."""
+    try:
+        pyinfra(inventory, *args)
+    except SystemExit as first:
+        print(f"preparation failed once, rerunning: {str(first)[-300:]}", flush=True)
+        pyinfra(inventory, *args)
+
+
 def limit(hosts):
     return [a for h in hosts for a in ("--limit", h)]
 
@@ -69,14 +78,14 @@ def main():
         results["first_deploy_one_host_s"] = round(first, 1)
         results["stage_seconds"] = stages
 
-        pyinfra(inventory, "deploy.py", *limit(full[1:]))
+        prepare(inventory, "deploy.py", *limit(full[1:]))
         noop = median_of(inventory, "deploy.py", *limit(full))
         bare = median_of(inventory, "exec", *limit(full), "--", "true")
         results["noop_4_hosts_s"] = round(noop, 2)
         results["exec_true_4_hosts_s"] = round(bare, 2)
         results["noop_vs_exec_ratio"] = round(noop / bare, 2)
 
-        pyinfra(inventory, "deploy.py", *limit(light))
+        prepare(inventory, "deploy.py", *limit(light))
         scaling = {}
         for n in (1, 4, 8, 16):
             scaling[n] = round(median_of(inventory, "deploy.py", *limit(light[:n])), 2)
