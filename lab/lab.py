@@ -151,6 +151,8 @@ def start_services(state: dict, share_dirs: dict):
 
 
 def write_inventory(state: dict, commits: dict, variants: dict, extra: dict | None = None) -> Path:
+    from .local import inventory_data  # lab.local imports this module
+
     key = LAB / "ssh" / "id_ed25519"
     known = LAB / "ssh" / "known_hosts"
     known.write_text("".join(h["known_host"] + "\n" for h in state["hosts"]))
@@ -159,20 +161,9 @@ def write_inventory(state: dict, commits: dict, variants: dict, extra: dict | No
         "ssh_known_hosts_file": str(known), "ssh_strict_host_key_checking": "yes",
         "ssh_look_for_keys": False, "ssh_allow_agent": False,
         "install_dir": "/opt/chatglm",
-        "pip_index_url": f"http://127.0.0.1:{PORTS['www']}/pypi/simple/",
-        # Conda channels and PyTorch's wheel indexes are out of reach: a venv, torch from the index.
-        "python_backend": "venv",
-        "torch_index_url": f"http://127.0.0.1:{PORTS['www']}/pypi/simple/",
-        "code_url": f"git://127.0.0.1:{PORTS['git']}/THUDM/ChatGLM-6B",
-        "code_revision": commits["ChatGLM-6B"],
-        "model_url": f"git://127.0.0.1:{PORTS['git']}/THUDM/{{name}}",
-        "model_revisions": {v: commits[n] for v, n in
-                            (("fp16", "chatglm-6b"), ("int8", "chatglm-6b-int8"),
-                             ("int4", "chatglm-6b-int4"))},
-        "seafile_url": f"http://127.0.0.1:{PORTS['seafile']}",
+        # The stand-ins' URLs and pins, as lab.local writes them for an @local run.
+        **inventory_data(commits),
         "cuda_repo_url": f"http://127.0.0.1:{PORTS['www']}/compute/cuda/repos",
-        "weights_cache": str(LAB / "control-cache"),
-        "smoke_max_new_tokens": 24,
     }
     lines = ['"""Written by `python -m lab up`: the lab\'s throwaway hosts (do not edit)."""', "",
              "lab = ["]

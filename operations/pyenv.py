@@ -17,7 +17,6 @@ from pyinfra.api.command import QuoteString
 from pyinfra.operations import files
 
 from .common import fail
-from . import pyplan
 from .pyplan import normalize, version_key
 from .settings import ROOT
 
@@ -37,13 +36,6 @@ ENV_INFO = (
     "print(json.dumps({'version': '%d.%d' % sys.version_info[:2], 'venv': bool(lines), "
     "'system_site_packages': flag[0] == 'true' if flag else None}))"
 )
-
-
-def read_lock(name: str) -> dict:
-    """{normalized name: version} of every pin of a lock file, torch included (for tools,
-    e.g. tools/h100_full_deploy.sh checking its wheels; the deploy uses pyplan.read_lock)."""
-    lock = pyplan.read_lock(pyplan.lock_path(name))
-    return {**lock["pins"], **({"torch": lock["torch"]} if lock["torch"] else {})}
 
 
 class PipFreeze(FactBase):
