@@ -10,11 +10,11 @@ operation runs, so bad inventory data stops the run with nothing touched.
 
 from pathlib import Path
 
-from pyinfra import host, inventory, state
+from pyinfra import host, inventory, logger, state
 
-from operations import cuda_libs, gpu, gpu_kernels, kernel, model, pyenv, pyplan, smoke, system
+from operations import preflight, cuda_libs, gpu, gpu_kernels, kernel, model, pyenv, pyplan, smoke, system
 from operations.report import FleetReport
-from operations.settings import ROOT, settings_for, source_for
+from operations.settings import ROOT, is_commit, settings_for, source_for
 from operations.system import MemoryBytes
 
 # Every host's data is validated on the first pass, before any host's facts are read.
@@ -22,6 +22,8 @@ if not getattr(state, "chatglm_checked", False):
     smoke_hosts = 0
     for each in inventory:
         each_settings = settings_for(each)
+        if state.is_host_in_limit(each):
+            preflight.check_ssh_key(each)
         if each_settings.variant != "auto" and "model" in each_settings.stage_list:
             source_for(each_settings, each_settings.variant)
         smoke_hosts += each_settings.smoke_test and {"model", "smoke"} <= set(each_settings.stage_list)
@@ -30,6 +32,9 @@ if not getattr(state, "chatglm_checked", False):
     report_dir = report_dir if report_dir.is_absolute() else Path(state.cwd or ROOT) / report_dir
     state.chatglm_report = FleetReport(report_dir, len(state.activated_hosts), bool(smoke_hosts))
     state.add_callback_handler(state.chatglm_report)
+    for each in inventory:
+        if state.is_host_in_limit(each) and each not in state.activated_hosts:
+            state.chatglm_report.unreachable(each.name, preflight.unreachable_reason(each))
 
 s = settings_for(host)
 stages = s.stage_list
@@ -42,8 +47,18 @@ gpu.report_plan(name="GPU: detect and resolve the stack", plan=plan)
 if "model" in stages:
     # A host short of memory or disk for its variant fails here, before anything is installed.
     variant = model.auto_variant(plan, host.get_fact(MemoryBytes)) if s.variant == "auto" else s.variant
-    model.check_resources(name=f"Model: memory and disk for {variant}", s=s, variant=variant,
-                          plan=plan, model_dir=s.model_dir(variant))
+    model.check_memory(s, variant, plan, host.get_fact(MemoryBytes))
+    src = source_for(s, variant)
+    if s.check_revisions:
+        for key in ("code_revision", "model_revision"):
+            url = src["code_url" if key == "code_revision" else "model_url"]
+            if is_commit(src[key]):
+                warning = preflight.check_revision(host.name, key, url, src[key],
+                                                   Path(s.weights_cache).expanduser())
+                if warning:
+                    logger.warning(f"[{host.name}] {warning}")
+    model.check_resources(name=f"Model: disk space for {variant}", s=s, variant=variant,
+                          model_dir=s.model_dir(variant))
 
 if "system" in stages:
     system.base_packages(name="System: base packages")
@@ -74,7 +89,6 @@ if "cuda_libs" in stages and plan["gpu"]:
                     python=py["python"] if py else s.python)
 
 if "model" in stages:
-    src = source_for(s, variant)
     model_dir = s.model_dir(variant)
     model.clone(name="Model: clone ChatGLM-6B code", url=src["code_url"], dest=s.code_dir,
                 revision=src["code_revision"], allow_floating=s.allow_floating_revision)

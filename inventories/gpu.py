@@ -21,6 +21,10 @@ Model:
     model_revisions={}        ... or one per variant: {"int4": "<commit>", ...}
     allow_floating_revision=False  accept a branch or tag instead of a commit (the model
                               code runs with trust_remote_code: pin what you reviewed)
+    check_revisions=True      before any host is touched, ask each remote (from this
+                              machine, git fetch of that one commit into weights_cache)
+                              whether it has the pinned commit; False when this machine
+                              cannot reach the remotes the hosts use
 
 Weights (Tsinghua cloud Seafile shares, data/models.toml):
     weights_mode="control"    control: downloaded once to the control machine, pushed to

@@ -6,10 +6,12 @@ stand-ins listening on loopback are reachable from every host as they are
 from the control side.
 """
 
+import hashlib
 import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -62,6 +64,14 @@ def start_host(name: str, port: int, rootfs: Path, lab_dir: Path, gpu: dict | No
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey /etc/ssh/ssh_host_ed25519_key\n"
         "PermitRootLogin prohibit-password\nUseDNS no\nMaxSessions 50\nMaxStartups 50\n")
 
+    pubkey = (host_key.with_suffix(".pub")).read_text().split()
+    return {"name": name, "port": port, "pid": _boot(name, port, base, merged, sim_mounts),
+            "dir": str(base), "root": str(merged), "gpu": gpu,
+            "known_host": f"[127.0.0.1]:{port} {pubkey[0]} {pubkey[1]}"}
+
+
+def _boot(name: str, port: int, base: Path, merged: Path, sim_mounts: str) -> int:
+    """sshd as PID 1 of new namespaces over the host's mounted overlay; returns its pid."""
     script = (
         f"hostname {name}; mount -t sysfs -o ro sysfs {merged}/sys; "
         f"mount -t tmpfs tmpfs {merged}/run; mkdir -p {merged}/run/sshd; "
@@ -77,9 +87,25 @@ def start_host(name: str, port: int, rootfs: Path, lab_dir: Path, gpu: dict | No
          f"--mount-proc={merged}/proc", "sh", "-c", script],
         stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     _wait_port(port)
-    pubkey = (host_key.with_suffix(".pub")).read_text().split()
-    return {"name": name, "port": port, "pid": proc.pid, "dir": str(base),
-            "root": str(merged), "known_host": f"[127.0.0.1]:{port} {pubkey[0]} {pubkey[1]}"}
+    return proc.pid
+
+
+def power_off(record: dict) -> None:
+    """Pull the plug: every process of the host dies at once; its disk (overlay) stays."""
+    pid = record["pid"]
+    if _alive(pid):
+        # --kill-child forwards SIGKILL to the namespace's PID 1, ending every process in it.
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 10
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.05)
+
+
+def power_on(record: dict) -> dict:
+    """Boot a powered-off host again on the same disk, port and host key."""
+    base, merged = Path(record["dir"]), Path(record["root"])
+    sim_mounts = _simulate_gpu(base / "sim", merged, record["gpu"]) if record.get("gpu") else ""
+    return {**record, "pid": _boot(record["name"], record["port"], base, merged, sim_mounts)}
 
 
 def _simulate_gpu(sim: Path, merged: Path, gpu: dict) -> str:
@@ -128,15 +154,38 @@ def _alive(pid: int) -> bool:
 
 def stop_host(record: dict) -> None:
     """Kill the host's namespace (sshd is its PID 1), unmount and delete it."""
-    pid = record["pid"]
-    if _alive(pid):
-        # --kill-child forwards SIGKILL to the namespace's PID 1, ending every process in it.
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.time() + 10
-        while _alive(pid) and time.time() < deadline:
-            time.sleep(0.05)
+    power_off(record)
     merged = record["root"]
     if subprocess.run(["mountpoint", "-q", merged]).returncode == 0:
         if subprocess.run(["umount", merged], stderr=subprocess.DEVNULL).returncode != 0:
             subprocess.run(["umount", "-l", merged], check=True)
     subprocess.run(["rm", "-rf", "--one-file-system", record["dir"]], check=True)
+
+
+def disk_snapshot(record: dict) -> dict:
+    """Everything a host's processes ever wrote to its disk: the overlay's upper layer (the
+    image below it is shared and read-only), as {path: (type, mode, uid, gid, size, mtime,
+    ctime, xattrs, sha256 or link target)}. Equal snapshots mean byte-identical disks."""
+    upper = Path(record["dir"]) / "upper"
+    snap = {}
+    for dirpath, dirnames, filenames in os.walk(upper):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            kind = stat.S_IFMT(st.st_mode)
+            if stat.S_ISREG(st.st_mode):
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+                body = digest.hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(path)
+            else:
+                body = st.st_rdev  # 0:0 character devices are overlay whiteouts (deletions)
+            xattrs = sorted((a, os.getxattr(path, a, follow_symlinks=False))
+                            for a in os.listxattr(path, follow_symlinks=False))
+            snap[str(path.relative_to(upper))] = (
+                kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
+                st.st_mtime_ns, st.st_ctime_ns, tuple(xattrs), body)
+    return snap

@@ -217,6 +217,19 @@ def up(n_hosts: int = 2, variants: dict | None = None, gpus: dict | None = None,
     return write_inventory(state, commits, variants or {}, extra)
 
 
+def power_cycle(name: str, off_only: bool = False) -> dict:
+    """Pull the plug on one host (every process dies at once, its disk stays), then boot it
+    again unless off_only; returns its new record."""
+    state = load_state()
+    at = next(i for i, h in enumerate(state["hosts"]) if h["name"] == name)
+    record = state["hosts"][at]
+    labhosts.power_off(record)
+    if not off_only:
+        record = state["hosts"][at] = labhosts.power_on(record)
+        save_state(state)
+    return record
+
+
 def down():
     state = load_state()
     for h in state["hosts"]:

@@ -21,7 +21,7 @@ from pyinfra.operations import files as files_ops
 
 from .common import fail
 from . import seafile
-from .settings import ROOT, Settings, _is_commit, load_toml
+from .settings import ROOT, SettingError, Settings, is_commit, load_toml
 from .system import FreeDiskBytes, MemoryBytes
 
 STAMPS = ".chatglm-verified"
@@ -133,7 +133,7 @@ def clone(url: str, dest: str, revision: str, allow_floating: bool = False):
     + allow_floating: accept a branch or tag (inventory: allow_floating_revision)
     """
     commit = revision
-    if not _is_commit(revision):
+    if not is_commit(revision):
         if not allow_floating:
             yield fail(f"{dest}: revision {revision!r} is not a 40-hex commit; pin the commit you "
                        "reviewed, or set allow_floating_revision=True (the model code runs with "
@@ -197,38 +197,51 @@ def _free_probe(path: Path) -> Path:
     return path
 
 
-@operation()
-def check_resources(s: Settings, variant: str, plan: dict, model_dir: str):
+def check_memory(s: Settings, variant: str, plan: dict, ram_bytes: int) -> None:
+    """Raise SettingError, while operations are collected, when the host's first GPU (or its
+    RAM on a CPU-only host) is smaller than the variant needs (data/models.toml, from the
+    ChatGLM-6B README): the inventory asks for what cannot run, so no host is touched."""
+    if not s.check_memory:
+        return
+    need = load_toml("models.toml")["variants"][variant]
+    setting = "variant" if s.variant != "auto" else "variant (auto)"
+    if plan["gpu"]:
+        gpu = plan["gpus"][0]
+        have = mib_to_gb(gpu["memory_mib"])
+        if have >= need["gpu_mem_gb"]:
+            return
+        problem = (f"= {variant!r} needs {need['gpu_mem_gb']} GB of GPU memory, GPU 0 "
+                   f"({gpu['name']}) has {have:.1f} GB")
+        if not gpu["memory_mib"]:
+            fix = ("no driver reports GPU 0's memory and data/compat.toml does not know its "
+                   "PCI id: set gpu_memory_mib for this host")
+        else:
+            fix = ("set variant to a smaller one ('int4' needs the least) or 'auto', or use a "
+                   "host with more GPU memory (check_memory=False skips this check)")
+    else:
+        have = ram_bytes / GB
+        if have >= need["cpu_ram_gb"]:
+            return
+        problem = (f"= {variant!r} on CPU needs {need['cpu_ram_gb']} GB of RAM, the host "
+                   f"has {have:.1f} GB")
+        fix = ("set variant to 'int4' (the CPU variant) or use a host with more RAM "
+               "(check_memory=False skips this check)")
+    raise SettingError(s.host, setting, problem, fix)
+
+
+@operation(is_idempotent=False)
+def check_resources(s: Settings, variant: str, model_dir: str):
     """
-    Fail the host, before anything is downloaded, when it lacks the memory or disk space the
-    variant needs (figures in data/models.toml, from the ChatGLM-6B README).
+    Fail the host, before anything is downloaded, when it lacks the disk space the variant's
+    weights need (figures in data/models.toml until the LFS pointers give exact sizes).
+    Memory is checked earlier, by check_memory, while operations are collected.
 
     + s: the host's settings (weights_mode, weights_cache)
     + variant: fp16, int8 or int4
-    + plan: the host's GPU plan: on a GPU host the first GPU's memory counts, else the RAM
     + model_dir: the model checkout; once cloned its LFS pointers give the exact sizes
     """
     need = load_toml("models.toml")["variants"][variant]
     problems, fixes = [], []
-    if not s.check_memory:
-        pass
-    elif plan["gpu"]:
-        gpu = plan["gpus"][0]
-        have = mib_to_gb(gpu["memory_mib"])
-        if have < need["gpu_mem_gb"]:
-            problems.append(f"{variant} needs {need['gpu_mem_gb']} GB of GPU memory, GPU 0 "
-                            f"({gpu['name']}) has {have:.1f} GB")
-    else:
-        have = host.get_fact(MemoryBytes) / GB
-        if have < need["cpu_ram_gb"]:
-            problems.append(f"{variant} on CPU needs {need['cpu_ram_gb']} GB of RAM, the host "
-                            f"has {have:.1f} GB")
-    if problems and plan["gpu"] and not plan["gpus"][0]["memory_mib"]:
-        fixes.append("no driver reports GPU 0's memory and data/compat.toml does not know its "
-                     "PCI id: set gpu_memory_mib for this host")
-    elif problems:
-        fixes.append("set variant to a smaller one ('int4' needs the least) or 'auto', or use a "
-                     "host with more memory")
 
     lfs = host.get_fact(LfsFiles, path=model_dir)
     if lfs:
@@ -259,7 +272,7 @@ def check_resources(s: Settings, variant: str, plan: dict, model_dir: str):
             host.log_styled(message, fg="red", log_func=logger.error)
         yield fail(message)
         return
-    host.noop(f"{variant}: memory and disk space suffice ({basis})")
+    host.noop(f"{variant}: disk space suffices ({basis})")
 
 
 _locks: dict[str, threading.Lock] = {}

@@ -11,9 +11,10 @@ from io import StringIO
 
 import jinja2
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import FactBase, StringCommand, operation
 from pyinfra.api.command import QuoteString
+from pyinfra.facts.files import File
 from pyinfra.operations import files
 
 from .common import fail
@@ -280,27 +281,40 @@ def packages(py: dict):
     from the pins is installed: a changed pin is applied on the next run.
     """
     lock_file = f"{py['install_dir']}/requirements.lock"
+    # A run killed inside pip leaves packages half-written but listed as installed; the mark
+    # says so to the next run, which reinstalls every package. pip runs under flock, so a
+    # pip still running from a killed run finishes before the next one starts.
+    unfinished = f"{py['install_dir']}/.chatglm-pip-unfinished"
+    pip_lock = f"{py['install_dir']}/.chatglm-pip.lock"
     yield from files.directory._inner(path=py["install_dir"], mode="755")
     yield from files.put._inner(src=StringIO(py["lock_text"]), dest=lock_file, mode="644")
     installed = host.get_fact(PipFreeze, venv=py["env"]) or {}
+    interrupted = bool(host.get_fact(File, path=unfinished))
+    force = ["--force-reinstall"] if interrupted else []
+    pip = ("flock", QuoteString(pip_lock), py["python"], *PIP, *force)
     index = ["--index-url", QuoteString(py["index"])] if py["index"] else []
-    changed = False
-    if py["torch"] and installed.get("torch") != py["torch"]:
+    commands = []
+    if py["torch"] and (interrupted or installed.get("torch") != py["torch"]):
         extra = (["--extra-index-url", QuoteString(py["index"])]
                  if py["index"] and py["index"] != py["torch_index"] else [])
-        yield StringCommand(py["python"], *PIP, *([] if py["torch_deps"] else ["--no-deps"]),
-                            "--index-url", QuoteString(py["torch_index"]), *extra,
-                            f"torch=={py['torch']}")
-        changed = True
+        commands.append(StringCommand(*pip, *([] if py["torch_deps"] else ["--no-deps"]),
+                                      "--index-url", QuoteString(py["torch_index"]), *extra,
+                                      f"torch=={py['torch']}"))
     drift = sorted(name for name, version in py["pins"].items()
                    if installed.get(name, "").split("+")[0] != version.split("+")[0])
-    if drift:
+    if drift or interrupted:
         # --no-deps: the lock is complete, so pip must not resolve anything beyond it.
-        yield StringCommand(py["python"], *PIP, "--no-deps", *index, "-r", lock_file)
-        changed = True
-    if not changed:
+        commands.append(StringCommand(*pip, "--no-deps", *index, "-r", lock_file))
+    if not commands:
         torch = f"torch {py['torch']}, " if py["torch"] else "the system's torch, "
         host.noop(f"{py['env']} has {torch}and the {len(py['pins'])} pins of {py['lock_name']}")
+        return
+    if interrupted:
+        logger.warning(f"[{host.name}] {py['env']}: an earlier pip install was cut off: "
+                       "every package is reinstalled")
+    yield StringCommand("touch", QuoteString(unfinished))
+    yield from commands
+    yield StringCommand("rm", "-f", QuoteString(unfinished))
 
 
 def _cuda_ok(have: str | None, expect: str | None, installed_by_us: bool) -> bool:

@@ -233,6 +233,11 @@ class FleetReport(BaseStateCallback):
     def host_connect_error(self, state, host, error):
         self.failures[host.name] = {"stage": "connect", "error": str(error)}
 
+    def unreachable(self, name: str, reason: str):
+        """A host pyinfra could not connect to before this handler was added."""
+        self.failures[name] = {"stage": "connect", "error": reason}
+        self.hosts.append(name)
+
     def _resolve(self, state, name):
         host, op_hash = self._failed_ops.pop(name)
         stdout, stderr = [], []

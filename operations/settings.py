@@ -54,6 +54,7 @@ class Settings:
     model_revision: str = ""
     model_revisions: dict = None
     allow_floating_revision: bool = False
+    check_revisions: bool = True
     weights_mode: str = "control"
     weights_share: str = ""
     seafile_url: str = ""
@@ -102,7 +103,7 @@ class Settings:
         return f"{self.install_dir}/models/{load_toml('models.toml')['variants'][variant]['name']}"
 
 
-def _is_commit(rev: str) -> bool:
+def is_commit(rev: str) -> bool:
     return len(rev) == 40 and all(c in "0123456789abcdef" for c in rev)
 
 
@@ -195,7 +196,7 @@ def source_for(s: Settings, variant: str) -> dict:
         src["mirror"] = mirror_url(s.weights_mirror, v["name"])
     for key in ("code_revision", "model_revision"):
         rev = src[key]
-        if not _is_commit(rev) and not s.allow_floating_revision:
+        if not is_commit(rev) and not s.allow_floating_revision:
             setting = key if getattr(s, key) else f"{key} (data/models.toml)"
             raise SettingError(
                 s.host, setting, f"= {rev!r} is not a pinned commit",

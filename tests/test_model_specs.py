@@ -179,39 +179,48 @@ def test_auto_variant_cpu_is_int4():
     assert model.auto_variant(CPU, 512 * GB) == "int4"
 
 
-def resources(variant="int4", plan=CPU, ram=64 * GB, free=100 * GB, files=None, executing=True,
-              **data):
-    facts = {"system.MemoryBytes": ram, f"model.LfsFiles(path={D})": files or {},
-             f"system.FreeDiskBytes(path={D})": free}
+def resources(variant="int4", free=100 * GB, files=None, executing=True, **data):
+    facts = {f"model.LfsFiles(path={D})": files or {}, f"system.FreeDiskBytes(path={D})": free}
     return run(model.check_resources, facts, executing=executing, s=settings(**data),
-               variant=variant, plan=plan, model_dir=D)
+               variant=variant, model_dir=D)
+
+
+def memory_error(chosen, plan=CPU, ram=64 * GB, **data) -> str:
+    """check_memory's SettingError text for the variant chosen ('' when memory suffices)."""
+    try:
+        model.check_memory(settings(**data), chosen, plan, ram)
+    except SettingError as error:
+        return str(error)
+    return ""
 
 
 def test_resources_suffice(tmp_path):
     commands, fake = resources(weights_cache=str(tmp_path))
-    assert commands == [] and "memory and disk space suffice" in fake.noops[0]
+    assert commands == [] and "disk space suffices" in fake.noops[0]
 
 
-def test_too_little_gpu_memory_fails_before_anything():
+def test_too_little_gpu_memory_stops_the_run_at_collection():
     plan = {"gpu": True, "gpus": [{"name": "Tesla T4", "memory_mib": 15360}]}
-    commands, _ = resources("int8", plan, weights_mode="direct")
-    assert resources("fp16", plan, weights_mode="direct")[0] == []
+    assert memory_error("int8", plan) == memory_error("fp16", plan) == ""
     plan["gpus"][0]["memory_mib"] = 8192
-    commands, _ = resources("int8", plan, weights_mode="direct")
-    message = commands[-1]["fail"]
-    assert "int8 needs 10 GB of GPU memory, GPU 0 (Tesla T4) has 8.6 GB" in message
-    assert message.startswith(HOST) and "Fix: set variant to a smaller one" in message
+    message = memory_error("int8", plan, variant="int8")
+    assert message.startswith(f"host '{HOST}': setting 'variant' = 'int8' needs 10 GB of GPU "
+                              "memory, GPU 0 (Tesla T4) has 8.6 GB. Fix: set variant to a smaller")
+    # auto picked int4 and even that does not fit: the setting named is still variant.
+    plan["gpus"][0]["memory_mib"] = 4096
+    assert "setting 'variant (auto)' = 'int4' needs 6 GB" in memory_error("int4", plan)
+    assert memory_error("int8", plan, check_memory=False) == ""
 
 
 def test_unknown_gpu_memory_asks_for_gpu_memory_mib():
     plan = {"gpu": True, "gpus": [{"name": "NVIDIA device 0x1f99", "memory_mib": 0}]}
-    message = resources("int4", plan, weights_mode="direct")[0][-1]["fail"]
+    message = memory_error("int4", plan)
     assert "has 0.0 GB" in message and "set gpu_memory_mib for this host" in message
 
 
 def test_too_little_ram_on_a_cpu_host():
-    commands, _ = resources("fp16", ram=24 * GB, weights_mode="direct")
-    assert "fp16 on CPU needs 32 GB of RAM, the host has 24.0 GB" in commands[-1]["fail"]
+    assert "'fp16' on CPU needs 32 GB of RAM, the host has 24.0 GB" in memory_error(
+        "fp16", ram=24 * GB)
 
 
 def test_too_little_disk_estimated_before_the_clone_exact_after():
@@ -239,8 +248,8 @@ def test_control_cache_space_is_checked(tmp_path):
 
 
 def test_collection_logs_the_shortage_for_dry_runs():
-    _, fake = resources("fp16", ram=8 * GB, executing=False, weights_mode="direct")
-    assert "fp16 on CPU needs 32 GB of RAM" in fake.logged[0]
+    _, fake = resources(free=GB, executing=False, weights_mode="direct")
+    assert "the weights need 5.00 GB" in fake.logged[0]
 
 
 # --- weights -------------------------------------------------------------------------------
