@@ -22,8 +22,6 @@ if not getattr(state, "chatglm_checked", False):
     smoke_hosts = 0
     for each in inventory:
         each_settings = settings_for(each)
-        if state.is_host_in_limit(each):
-            preflight.check_ssh_key(each)
         if each_settings.variant != "auto" and "model" in each_settings.stage_list:
             source_for(each_settings, each_settings.variant)
         smoke_hosts += each_settings.smoke_test and {"model", "smoke"} <= set(each_settings.stage_list)
@@ -53,7 +51,7 @@ if "model" in stages:
         for key in ("code_revision", "model_revision"):
             url = src["code_url" if key == "code_revision" else "model_url"]
             if is_commit(src[key]):
-                warning = preflight.check_revision(host.name, key, url, src[key],
+                warning = preflight.check_revision(host.name, src["settings"][key], url, src[key],
                                                    Path(s.weights_cache).expanduser())
                 if warning:
                     logger.warning(f"[{host.name}] {warning}")

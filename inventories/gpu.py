@@ -102,3 +102,8 @@ gpu_servers = [
 cpu_servers = [
     ("cpu-01.lab.example", {**_defaults, "variant": "int4"}),
 ]
+
+# Before pyinfra connects: a missing ssh_key file stops the run naming the host and the fix.
+from operations.preflight import check_ssh_keys  # noqa: E402
+
+check_ssh_keys(gpu_servers, cpu_servers)

@@ -174,7 +174,8 @@ def write_inventory(state: dict, commits: dict, variants: dict, extra: dict | No
             # The fixture is 0.5 MB; data/models.toml's 32 GB of RAM is the real model's.
             data.setdefault("check_memory", False)
         lines.append(f"    ({h['name']!r}, {data!r}),")
-    lines.append("]")
+    lines += ["]", "", "from operations.preflight import check_ssh_keys  # noqa: E402", "",
+              "check_ssh_keys(lab)"]
     path = LAB / "inventory.py"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -22,6 +22,10 @@ NVIDIA_VENDOR = "0x10de"
 LIB_DIRS = ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/nvidia/lib64",
             "/usr/lib/wsl/lib", "/usr/local/nvidia/lib"]
 LEGACY_KEY = "7fa2af80"
+# apt-cache that writes nothing to disk: no package cache files, scratch files in RAM
+# (a fact must leave the host as it was, or --dry would change it).
+APT_CACHE_READONLY = ("TMPDIR=$([ -w /dev/shm ] && echo /dev/shm || echo \"${TMPDIR:-/tmp}\") "
+                      "apt-cache -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache=")
 
 
 class NvidiaPciDevices(FactBase):
@@ -157,10 +161,12 @@ class CudaToolkits(FactBase):
 
 
 class AptHolds(FactBase):
-    """Packages marked hold."""
+    """Packages marked hold (dpkg's selections, which apt-mark hold sets; read from dpkg
+    because apt-mark writes scratch files even to show them)."""
 
     def command(self):
-        return "apt-mark showhold 2>/dev/null || true"
+        return ("dpkg-query -W -f='${db:Status-Want} ${Package}\\n' 2>/dev/null "
+                "| awk '$1 == \"hold\" {print $2}' || true")
 
     @staticmethod
     def default():
@@ -174,7 +180,7 @@ class AptKnowsRepo(FactBase):
     """Whether apt's package lists include a repository URL (an update fetched it)."""
 
     def command(self, url):
-        return f"apt-cache policy 2>/dev/null | grep -qF '{url}' && echo yes || echo no"
+        return f"{APT_CACHE_READONLY} policy 2>/dev/null | grep -qF '{url}' && echo yes || echo no"
 
     @staticmethod
     def default():
@@ -188,7 +194,10 @@ class LegacyCudaKey(FactBase):
     """Whether apt still trusts NVIDIA's retired repo key 7fa2af80."""
 
     def command(self):
-        return ("command -v apt-key >/dev/null && apt-key list 2>/dev/null | tr -d ' ' "
+        # apt-key builds a scratch keyring under $TMPDIR: in RAM, so reading the fact leaves
+        # the disk as it was (a --dry run writes nothing).
+        return ("command -v apt-key >/dev/null && { [ -w /dev/shm ] && export TMPDIR=/dev/shm; "
+                "apt-key list 2>/dev/null; } | tr -d ' ' "
                 f"| grep -qi {LEGACY_KEY} && echo yes || echo no")
 
     @staticmethod

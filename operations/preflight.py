@@ -16,13 +16,17 @@ UNKNOWN_COMMIT = ("not our ref", "couldn't find remote ref", "no such remote ref
 _known: dict[tuple[str, str], str] = {}
 
 
-def check_ssh_key(host) -> None:
-    """A host whose ssh_key names no file fails the whole run (pyinfra would only skip it)."""
-    key = host.data.get("ssh_key")
-    if key and not Path(os.path.expanduser(str(key))).is_file():
-        raise SettingError(host.name, "ssh_key", f"= {str(key)!r} names no file on this machine",
-                           "point ssh_key at the private key the host accepts, or drop it to use "
-                           "the SSH agent / ~/.ssh defaults")
+def check_ssh_keys(*groups) -> None:
+    """Called at the end of an inventory file with its host lists: a host whose ssh_key names
+    no file stops the run before pyinfra connects anywhere (pyinfra itself would stop with
+    a traceback that names neither the host nor the setting)."""
+    for group in groups:
+        for name, data in group:
+            key = (data or {}).get("ssh_key")
+            if key and not Path(os.path.expanduser(str(key))).is_file():
+                raise SettingError(name, "ssh_key", f"= {str(key)!r} names no file on this "
+                                   "machine", "point ssh_key at the private key the host "
+                                   "accepts, or drop it to use the SSH agent / ~/.ssh defaults")
 
 
 def check_revision(host_name: str, setting: str, url: str, revision: str, cache: Path) -> str:

@@ -176,6 +176,13 @@ def mirror_url(mirror: str, name: str) -> str:
     return url.rstrip("/") + "/"
 
 
+def revision_setting(s: Settings, key: str, variant: str) -> str:
+    """The name of the setting a revision came from, for messages."""
+    if key == "model_revision" and (s.model_revisions or {}).get(variant):
+        return f"model_revisions[{variant!r}]"
+    return key if getattr(s, key) else f"{key} (data/models.toml)"
+
+
 def source_for(s: Settings, variant: str) -> dict:
     """The code and model repo, revision and share of a variant, host settings first."""
     models = load_toml("models.toml")
@@ -194,10 +201,12 @@ def source_for(s: Settings, variant: str) -> dict:
     }
     if s.weights_mirror:
         src["mirror"] = mirror_url(s.weights_mirror, v["name"])
+    src["settings"] = {"code_revision": revision_setting(s, "code_revision", variant),
+                       "model_revision": revision_setting(s, "model_revision", variant)}
     for key in ("code_revision", "model_revision"):
         rev = src[key]
         if not is_commit(rev) and not s.allow_floating_revision:
-            setting = key if getattr(s, key) else f"{key} (data/models.toml)"
+            setting = src["settings"][key]
             raise SettingError(
                 s.host, setting, f"= {rev!r} is not a pinned commit",
                 "set it to a reviewed 40-hex commit (git ls-remote URL shows them), or set "

@@ -41,10 +41,13 @@ GPU_DATA.update(h9={"stages": "system,python"}, h10={"stages": "system,python"})
 # h18 holds fp16 (too big for a CPU host's RAM) on a simulated H100; h19 has a 6 GiB GPU of
 # an id missing from data/compat.toml.
 # lab.up names its hosts h1..hN, so h12-h14 come up too (idle).
-HOSTS += [f"h{i}" for i in range(12, 21)]
+# h12-h14 and h21-h24: the fault suite (tests/test_faults_lab.py); h21 a simulated H100
+# without a driver.
+HOSTS += [f"h{i}" for i in range(12, 25)]
 GPUS.update({"h18": {"gpus": [H100]},
              "h19": {"gpus": [{**H100, "name": "NVIDIA small", "memory_mib": 6144,
-                               "device_id": "0x1f99"}]}})
+                               "device_id": "0x1f99"}]},
+             "h21": {"gpus": [H100]}})
 
 
 class Lab:
