@@ -55,7 +55,7 @@ if "model" in stages:
                                                    Path(s.weights_cache).expanduser())
                 if warning:
                     logger.warning(f"[{host.name}] {warning}")
-    model.check_resources(name=f"Model: disk space for {variant}", s=s, variant=variant,
+    model.check_resources(name="Model: disk space", s=s, variant=variant,
                           model_dir=s.model_dir(variant))
 
 if "system" in stages:
@@ -92,7 +92,7 @@ if "model" in stages:
                 revision=src["code_revision"], allow_floating=s.allow_floating_revision)
     model.clone(name="Model: clone the model repo", url=src["model_url"], dest=model_dir,
                 revision=src["model_revision"], allow_floating=s.allow_floating_revision)
-    model.weights(name=f"Model: weights ({s.weights_mode})", s=s, model_dir=model_dir,
+    model.weights(name="Model: weights", s=s, model_dir=model_dir,
                   share=src["share"], share_path=src["share_path"], mirror=src.get("mirror", ""))
 
     if "kernel" in stages and variant in ("int4", "int8"):

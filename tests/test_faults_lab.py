@@ -42,7 +42,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 REPORT = LAB / "reports-faults"
 CACHE = LAB / "cache-faults"
 BIN = {v: f"/{MODELS[v]}/pytorch_model.bin" for v in ("int4", "int8")}
-SHARD = "/chatglm-6b/pytorch_model-00001-of-00002.bin"
+SHARD = "pytorch_model-00001-of-00002.bin"  # fp16's share holds its files at the top
 
 
 def inventory(name: str, hosts: dict) -> Path:
@@ -134,6 +134,7 @@ def converged(lab, inv: Path, *args: str):
 
 @pytest.fixture(scope="module")
 def faults(lab):
+    subprocess.run(["rm", "-rf", str(CACHE), str(REPORT)], check=True)
     seafile("DELETE", "faults")
     seafile("DELETE", "stats")
     yield
@@ -143,6 +144,7 @@ def faults(lab):
 FRESH = {"h12": {"variant": "int4", "weights_mode": "control"},
          "h13": {"variant": "int8", "weights_mode": "direct"},
          "h21": {"variant": "auto", "kernel_headers": False}}
+FRESH_CPU = {h: FRESH[h] for h in ("h12", "h13")}
 
 
 # --- 1 -----------------------------------------------------------------------------------
@@ -212,3 +214,233 @@ def test_bad_inventory_stops_before_any_host_is_touched(lab, faults, case):
     assert "--> Beginning operation run" not in out and "Starting operation" not in out, out[-3000:]
     assert seafile("GET", "stats")["requests"] == 0
     assert changed(before, snapshots(hosts)) == {}
+
+
+# --- 3 -----------------------------------------------------------------------------------
+
+def test_share_faults_through_a_whole_deploy_with_an_unreachable_and_a_failing_host(lab, faults):
+    """h12 (control) and h13 (direct) through cut, expired and corrupted downloads and a 503;
+    h14's first fp16 shard always answers 500; h24 is powered off. Then a second run of h12
+    and h13 changes nothing, and --dry --diff on them, converged and then drifted, writes
+    nothing."""
+    sizes = {v: (LAB / "share" / "quantized" / BIN[v].strip("/")).stat().st_size
+             for v in ("int4", "int8")}
+    seafile("POST", "faults", json=[
+        {"match": BIN["int4"], "kind": "cut", "after": 100_000},
+        {"match": BIN["int4"], "kind": "expire", "after": 65_536},
+        {"match": BIN["int8"], "kind": "expire", "after": 65_536},
+        {"match": BIN["int8"], "kind": "corrupt", "offset": sizes["int8"] // 2},
+        {"match": "ice_text.model", "kind": "status", "code": 503},
+        {"match": SHARD, "kind": "status", "code": 500, "times": -1}])
+    labmod.power_cycle("h24", off_only=True)
+    port = next(h["port"] for h in labmod.load_state()["hosts"] if h["name"] == "h24")
+    try:
+        inv = inventory("whole", {**FRESH_CPU, "h14": {"variant": "fp16", "weights_mode": "direct",
+                                                       "check_memory": False,
+                                                       "weights_attempts": 2},
+                                  "h24": {"variant": "int4"}})
+        run = lab.deploy(inventory=inv)
+    finally:
+        labmod.power_cycle("h24")
+    out = run.stdout
+    (LAB / "faults-whole.log").write_text(out)
+    assert run.returncode != 0, out[-6000:]
+
+    # h12 and h13 went all the way through, with the right bytes.
+    report = fleet()
+    for host in ("h12", "h13"):
+        assert report["hosts"][host]["ok"], (host, out[-6000:])
+        assert host not in report["failed"]
+    assert weights_ok(lab, "h12", "int4") and weights_ok(lab, "h13", "int8")
+    # Only the permanent fault is left: every transient one was met and got through.
+    assert [f["match"] for f in seafile("GET", "faults")["faults"]] == [SHARD]
+    # h14 failed at its weights, h24 at connecting; the report names both with the reason.
+    assert report["failed"]["h14"]["stage"] == "Model: weights", report["failed"]
+    assert "HTTP 500" in report["failed"]["h14"]["error"], report["failed"]["h14"]
+    assert report["failed"]["h24"] == {"stage": "connect", "error":
+                                       f"no SSH at 127.0.0.1:{port}: Connection refused"}
+    text = (REPORT / "fleet.md").read_text()
+    assert re.search(r"^\| h14 \|.*\| FAILED \(Model: weights\) \|$", text, re.M), text
+    assert re.search(r"^\| h24 \|.*\| FAILED \(connect\) \|$", text, re.M), text
+    shard = f"{model_dir('fp16')}/{SHARD}"
+    assert lab.ssh("h14", f"head -c 40 {shard}").stdout.startswith("version https://git-lfs")
+
+    # The second run: nothing to change anywhere.
+    seafile("DELETE", "faults")
+    seafile("DELETE", "stats")
+    inv = inventory("converged", FRESH_CPU)
+    second = lab.deploy(inventory=inv)
+    t = totals(second.stdout)
+    assert second.returncode == 0 and t["success"] == 0 and t["error"] == 0 \
+        and t["no_change"] == t["hosts"], second.stdout[-4000:]
+    assert seafile("GET", "stats")["requests"] == 0
+
+    # --dry --diff on converged hosts: no change listed, no byte written.
+    before = snapshots(FRESH_CPU)
+    dry = lab.deploy("--dry", "--diff", inventory=inv)
+    assert dry.returncode == 0 and not any(detected(dry.stdout).values()), dry.stdout[-4000:]
+    assert changed(before, snapshots(FRESH_CPU)) == {}
+
+    # ... and on drifted ones: the unpatched quantization.py and a package gone are listed.
+    d4 = model_dir("int4")
+    lab.ssh("h12", f"git -C {d4} checkout -- quantization.py")
+    lab.ssh("h13", "/opt/chatglm/venv/bin/python -m pip uninstall -q -y sentencepiece")
+    before = snapshots(FRESH_CPU)
+    dry = lab.deploy("--dry", "--diff", inventory=inv)
+    assert dry.returncode == 0, dry.stdout[-4000:]
+    plan = detected(dry.stdout)
+    assert plan["Kernel: patch quantization.py"] == {"h12"}, plan
+    assert plan["Python: torch for the resolved CUDA and the pinned requirements"] == {"h13"}
+    assert f"Will modify {d4}/quantization.py" in ANSI.sub("", dry.stdout)
+    assert changed(before, snapshots(FRESH_CPU)) == {}
+    converged(lab, inv)
+
+
+
+# --- 4 -----------------------------------------------------------------------------------
+
+def pip_running(lab, host):
+    return lab.ssh(host, "pgrep -f 'pip [i]nstall' >/dev/null", check=False).returncode == 0
+
+
+def test_a_host_lost_mid_deploy_fails_alone_and_converges_when_back(lab, faults):
+    """h23 loses power while pip installs; h22 finishes; the report names h23 and the
+    operation it was in; back on, a rerun of h23 converges (pip's unfinished mark)."""
+    hosts = {"h22": {"variant": "int4"}, "h23": {"variant": "int4"}}
+    inv = inventory("lost", hosts)
+    proc = start(lab, inv)
+    try:
+        wait_for(lambda: pip_running(lab, "h23"), "pip on h23", proc=proc)
+        time.sleep(2)
+        labmod.power_cycle("h23", off_only=True)
+        assert proc.wait(timeout=900) != 0
+    finally:
+        if proc.poll() is None:
+            kill(proc)
+        labmod.power_cycle("h23")
+    out = (LAB / f"{inv.stem}.log").read_text()
+    report = fleet()
+    assert report["hosts"]["h22"]["ok"] and "h22" not in report["failed"], out[-6000:]
+    failed = report["failed"]["h23"]
+    assert failed["stage"] == "Python: torch for the resolved CUDA and the pinned requirements", \
+        failed
+    assert failed["error"], failed
+    text = (REPORT / "fleet.md").read_text()
+    assert re.search(r"^\| h23 \|.*\| FAILED \(Python: torch for", text, re.M), text
+
+    assert lab.ssh("h23", "test -e /opt/chatglm/.chatglm-pip-unfinished", check=False).returncode == 0
+    again = inventory("lost-again", {"h23": hosts["h23"]})
+    first = converged(lab, again)
+    assert "an earlier pip install was cut off" in first.stdout
+    assert fleet()["hosts"]["h23"]["ok"]
+    lab.ssh("h23", "test ! -e /opt/chatglm/.chatglm-pip-unfinished && "
+                   "/opt/chatglm/venv/bin/python -m pip check")
+
+
+# --- 5 -----------------------------------------------------------------------------------
+
+def test_killed_during_the_pip_install_the_rerun_converges(lab, faults):
+    inv = inventory("kill-pip", {"h24": {"variant": "int4"}})
+    proc = start(lab, inv)
+    try:
+        wait_for(lambda: pip_running(lab, "h24"), "pip on h24", proc=proc)
+        time.sleep(3)
+    finally:
+        kill(proc)
+    assert lab.ssh("h24", "test -e /opt/chatglm/.chatglm-pip-unfinished", check=False).returncode == 0
+    converged(lab, inv)
+    assert fleet()["hosts"]["h24"]["ok"]
+    lab.ssh("h24", "test ! -e /opt/chatglm/.chatglm-pip-unfinished && "
+                   "/opt/chatglm/venv/bin/python -m pip check")
+
+
+def test_killed_during_the_weight_download_the_rerun_converges(lab, faults):
+    """Control (h12, the download runs in the deploy's own process) and direct (h13, on the
+    host) at once, both slowed down by the share, the deploy SIGKILLed mid-file."""
+    cache = LAB / "cache-faults-kill"
+    subprocess.run(["rm", "-rf", str(cache)], check=True)
+    where = "/opt/killed"
+    for host in ("h12", "h13"):
+        lab.ssh(host, f"rm -rf {where}")
+    seafile("POST", "faults", json=[{"match": BIN[v], "kind": "slow", "delay": 20}
+                                     for v in ("int4", "int8")])
+    hosts = {"h12": {"variant": "int4", "weights_mode": "control", "weights_cache": str(cache)},
+             "h13": {"variant": "int8", "weights_mode": "direct"}}
+    common = {"install_dir": where, "stages": "system,model,kernel", "smoke_test": False}
+    inv = inventory("kill-weights", {h: {**d, **common} for h, d in hosts.items()})
+    proc = start(lab, inv)
+    try:
+        wait_for(lambda: served(BIN["int4"]) and served(BIN["int8"]), "bytes of both files",
+                 proc=proc)
+    finally:
+        kill(proc)
+    early = served(BIN["int4"])
+    size = (LAB / "share" / "quantized" / BIN["int4"].strip("/")).stat().st_size
+    assert 0 < early < size
+    for host, variant in (("h12", "int4"), ("h13", "int8")):
+        pointer = lab.ssh(host, f"head -c 40 {model_dir(variant, where)}/pytorch_model.bin").stdout
+        assert pointer.startswith("version https://git-lfs"), (host, pointer)
+
+    seafile("DELETE", "faults")
+    seafile("DELETE", "stats")
+    converged(lab, inv)
+    assert weights_ok(lab, "h12", "int4", where) and weights_ok(lab, "h13", "int8", where)
+    # The control cache resumed its part file: the bytes fetched before the kill were not
+    # fetched again.
+    assert served(BIN["int4"]) <= size - early + 65_536, (served(BIN["int4"]), size, early)
+
+
+# --- 6 -----------------------------------------------------------------------------------
+
+def test_the_disk_filling_during_the_download_is_a_clear_error_and_a_rerun_completes(lab, faults):
+    """h13's install_dir (direct) and h12's control cache on small tmpfs mounts, shrunk to
+    what they hold once the download has begun."""
+    cache = LAB / "cache-faults-tmpfs"
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6g", "tmpfs", str(cache)], check=True)
+    lab.ssh("h13", "mkdir -p /opt/tiny && mount -t tmpfs -o size=6g tmpfs /opt/tiny")
+    try:
+        seafile("POST", "faults", json=[{"match": BIN[v], "kind": "slow", "delay": 20}
+                                         for v in ("int4", "int8")])
+        common = {"stages": "system,model,kernel", "smoke_test": False}
+        inv = inventory("disk-full", {
+            "h12": {"variant": "int4", "weights_mode": "control", "weights_cache": str(cache),
+                    "install_dir": "/opt/tiny-control", **common},
+            "h13": {"variant": "int8", "weights_mode": "direct", "install_dir": "/opt/tiny/chatglm",
+                    **common}})
+        for host in ("h12",):
+            lab.ssh(host, "rm -rf /opt/tiny-control")
+        proc = start(lab, inv)
+        try:
+            wait_for(lambda: served(BIN["int4"]) and served(BIN["int8"]), "bytes of both files",
+                     proc=proc)
+            shrink = ("used=$(df -B1 --output=used {m} | tail -1); "
+                      "mount -o remount,size=$(( (used / 4096 + 2) * 4096 )) {m}")
+            subprocess.run(["sh", "-c", shrink.format(m=cache)], check=True)
+            lab.ssh("h13", shrink.format(m="/opt/tiny"))
+            assert proc.wait(timeout=600) != 0
+        finally:
+            if proc.poll() is None:
+                kill(proc)
+        out = (LAB / f"{inv.stem}.log").read_text()
+        d8 = model_dir("int8", "/opt/tiny/chatglm")
+        assert said(out, "h13", "No space left") or said(out, "h13", "free space"), out[-5000:]
+        assert said(out, "h12", "No space left") or said(out, "h12", "free space"), out[-5000:]
+        # Nothing wrong in place of the pointer, nothing marked verified.
+        assert lab.ssh("h13", f"head -c 40 {d8}/pytorch_model.bin").stdout.startswith(
+            "version https://git-lfs")
+        assert lab.ssh("h13", f"test -e {d8}/.chatglm-verified/pytorch_model.bin",
+                       check=False).returncode != 0
+        assert not list((cache / "blobs").glob("*")) or all(
+            p.stat().st_size for p in (cache / "blobs").iterdir())
+
+        # Space freed: the rerun completes and the run after it changes nothing.
+        seafile("DELETE", "faults")
+        subprocess.run(["mount", "-o", "remount,size=6g", str(cache)], check=True)
+        lab.ssh("h13", "mount -o remount,size=6g /opt/tiny")
+        converged(lab, inv)
+        assert weights_ok(lab, "h13", "int8", "/opt/tiny/chatglm")
+        assert weights_ok(lab, "h12", "int4", "/opt/tiny-control")
+    finally:
+        lab.ssh("h13", "umount /opt/tiny", check=False)
+        subprocess.run(["umount", str(cache)], check=False)

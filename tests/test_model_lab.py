@@ -134,7 +134,6 @@ def test_control_cache_three_variants_rerun_and_dry_diff(lab, fresh_share):
                                 "h18": {**common, "variant": "auto"}})
     first = lab.deploy(inventory=inv)
     assert first.returncode == 0, first.stdout[-6000:]
-    assert "Model: memory and disk for fp16" in first.stdout  # auto on the H100
 
     for host, variant in (("h15", "int4"), ("h16", "int4"), ("h17", "int8"), ("h18", "fp16")):
         assert weights_ok(lab, host, variant), host
@@ -224,9 +223,10 @@ def test_direct_with_share_faults_mirror_and_floating_april_revision(lab, fresh_
 
 
 def test_failures_are_clear_and_leave_no_wrong_file(lab, fresh_share):
-    """A share answering 500, a file missing from the share, too little GPU memory, too
-    little disk, and a quantization.py the patch does not know: each fails its host with
-    the reason, and no pointer is replaced by anything unverified."""
+    """A share answering 500, a file missing from the share, too little disk, and a
+    quantization.py the patch does not know: each fails its host with the reason, and no
+    pointer is replaced by anything unverified. (Too little GPU memory for the variant is
+    bad inventory data: it stops the whole run, tests/test_faults_lab.py.)"""
     bin8 = f"/{MODELS['int8']}/pytorch_model.bin"
     seafile("POST", "faults", json=[{"match": bin8, "kind": "status", "code": 500, "times": -1}])
     variant_repo("broken", "chatglm-6b-int8", quantization_variants.no_call)
@@ -234,7 +234,7 @@ def test_failures_are_clear_and_leave_no_wrong_file(lab, fresh_share):
     hidden = shard.with_name("hidden.bin")
     shard.rename(hidden)
     where = "/opt/t3"
-    clean(lab, ("h15", "h16", "h18", "h19"), where)
+    clean(lab, ("h15", "h16", "h18"), where)
     lab.ssh("h20", "mkdir -p /opt/small && (mountpoint -q /opt/small || "
                    "mount -t tmpfs -o size=16m tmpfs /opt/small)")
     try:
@@ -243,8 +243,6 @@ def test_failures_are_clear_and_leave_no_wrong_file(lab, fresh_share):
                    "install_dir": where},
             "h18": {"variant": "fp16", "weights_mode": "control", "install_dir": where,
                     "weights_cache": str(LAB / "cache-failures-test")},
-            "h19": {"variant": "int8", "gpu_compute_cap": "8.6", "gpu_memory_mib": 6144,
-                    "install_dir": where},
             "h20": {"variant": "int4", "install_dir": "/opt/small/chatglm"},
             "h16": {"variant": "int8", "weights_mode": "mirror", "weights_mirror": MIRROR,
                     "model_url": f"{GIT}/lab-tests/broken/{{name}}", "install_dir": where,
@@ -272,14 +270,10 @@ def test_failures_are_clear_and_leave_no_wrong_file(lab, fresh_share):
     shard2 = f"{model_dir('fp16', where)}/pytorch_model-00002-of-00002.bin"
     assert lab.ssh("h18", f"head -c 40 {shard2}").stdout.startswith("version https://git-lfs")
 
-    # h19, h20: stopped before anything was installed or downloaded.
-    assert said(out, "h19", "ERROR: h19: int8 needs 10 GB of GPU memory, GPU 0 (NVIDIA device "
-                            "0x1f99) has 6.4 GB. Fix: ")
+    # h20: stopped before anything was installed or downloaded.
     assert said(out, "h20", "ERROR: h20: the weights need 5.00 GB (data/models.toml) under "
                             "/opt/small/chatglm/models/chatglm-6b-int4, 0.02 GB are free. Fix: ")
-    for host in ("h19", "h20"):
-        assert lab.ssh(host, f"ls {where} /opt/small/chatglm", check=False).stdout == ""
-    assert lab.ssh("h19", "command -v git gcc", check=False).stdout == ""
+    assert lab.ssh("h20", f"ls {where} /opt/small/chatglm", check=False).stdout == ""
 
     # h16: the weights are in; the patch names the file and the line it needs.
     assert weights_ok(lab, "h16", "int8", where)
