@@ -13,12 +13,14 @@ from pathlib import Path
 from pyinfra import host, inventory, state
 
 from operations import cuda_libs, gpu, gpu_kernels, kernel, model, pyenv, pyplan, smoke, system
+from operations.common import ssh_nodelay
 from operations.report import FleetReport
 from operations.settings import ROOT, settings_for, source_for
 from operations.system import MemoryBytes
 
 # Every host's data is validated on the first pass, before any host's facts are read.
 if not getattr(state, "chatglm_checked", False):
+    ssh_nodelay(state)
     smoke_hosts = 0
     for each in inventory:
         each_settings = settings_for(each)
