@@ -1,7 +1,10 @@
 """Small pieces shared by the stages."""
 
+import os
 import shlex
 import socket
+import sys
+import types
 
 from pyinfra.api import BaseStateCallback, StringCommand
 
@@ -41,3 +44,19 @@ def ssh_nodelay(state) -> None:
         if host.connected:
             _nodelay(host)
     state.add_callback_handler(_NoDelay())
+
+
+def register_deploy_file(filename: str) -> None:
+    """Make the deploy file known to inspect as a module's file.
+
+    pyinfra orders operations by walking the call stack (inspect.stack) at every operation
+    call. inspect looks each frame's file up among the loaded modules, and for a file that
+    is no module (deploy.py, which pyinfra runs with exec) it rescans all of sys.modules
+    every time: ~17 ms per host of this deploy's collection, measured on 16 hosts. A module
+    entry naming the file ends the rescans; nothing imports it.
+    """
+    name = "_chatglm_deploy_file"
+    if name not in sys.modules:
+        module = types.ModuleType(name, "stands for deploy.py in inspect's file -> module map")
+        module.__file__ = os.path.abspath(filename)
+        sys.modules[name] = module

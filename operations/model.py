@@ -198,7 +198,7 @@ def _free_probe(path: Path) -> Path:
 
 
 @operation()
-def check_resources(s: Settings, variant: str, plan: dict, model_dir: str):
+def check_resources(s: Settings, variant: str, plan: dict, model_dir: str, ram_bytes: int = 0):
     """
     Fail the host, before anything is downloaded, when it lacks the memory or disk space the
     variant needs (figures in data/models.toml, from the ChatGLM-6B README).
@@ -207,6 +207,7 @@ def check_resources(s: Settings, variant: str, plan: dict, model_dir: str):
     + variant: fp16, int8 or int4
     + plan: the host's GPU plan: on a GPU host the first GPU's memory counts, else the RAM
     + model_dir: the model checkout; once cloned its LFS pointers give the exact sizes
+    + ram_bytes: the host's RAM when deploy.py read it already (0: read it here)
     """
     need = load_toml("models.toml")["variants"][variant]
     problems, fixes = [], []
@@ -219,7 +220,7 @@ def check_resources(s: Settings, variant: str, plan: dict, model_dir: str):
             problems.append(f"{variant} needs {need['gpu_mem_gb']} GB of GPU memory, GPU 0 "
                             f"({gpu['name']}) has {have:.1f} GB")
     else:
-        have = host.get_fact(MemoryBytes) / GB
+        have = (ram_bytes or host.get_fact(MemoryBytes)) / GB
         if have < need["cpu_ram_gb"]:
             problems.append(f"{variant} on CPU needs {need['cpu_ram_gb']} GB of RAM, the host "
                             f"has {have:.1f} GB")
