@@ -8,17 +8,21 @@ stage by stage across all hosts. Every host's settings are checked before any
 operation runs, so bad inventory data stops the run with nothing touched.
 """
 
+import inspect
 from pathlib import Path
 
 from pyinfra import host, inventory, logger, state
 
-from operations import preflight, cuda_libs, gpu, gpu_kernels, kernel, model, pyenv, pyplan, smoke, system
+from operations import cuda_libs, gpu, gpu_kernels, kernel, model, preflight, pyenv, pyplan, smoke, system
+from operations.common import register_deploy_file, ssh_nodelay
 from operations.report import FleetReport
 from operations.settings import ROOT, is_commit, settings_for, source_for
-from operations.system import MemoryBytes
+from operations.system import HostResources
 
 # Every host's data is validated on the first pass, before any host's facts are read.
 if not getattr(state, "chatglm_checked", False):
+    ssh_nodelay(state)
+    register_deploy_file(inspect.currentframe().f_code.co_filename)
     smoke_hosts = 0
     for each in inventory:
         each_settings = settings_for(each)
@@ -44,8 +48,10 @@ gpu.report_plan(name="GPU: detect and resolve the stack", plan=plan)
 
 if "model" in stages:
     # A host short of memory or disk for its variant fails here, before anything is installed.
-    variant = model.auto_variant(plan, host.get_fact(MemoryBytes)) if s.variant == "auto" else s.variant
-    model.check_memory(s, variant, plan, host.get_fact(MemoryBytes))
+    resources = host.get_fact(HostResources)  # once, for the model and kernel stages
+    ram = resources["ram_bytes"]
+    variant = model.auto_variant(plan, ram) if s.variant == "auto" else s.variant
+    model.check_memory(s, variant, plan, ram)
     src = source_for(s, variant)
     if s.check_revisions:
         for key in ("code_revision", "model_revision"):
@@ -96,8 +102,10 @@ if "model" in stages:
                   share=src["share"], share_path=src["share_path"], mirror=src.get("mirror", ""))
 
     if "kernel" in stages and variant in ("int4", "int8"):
-        kernel.build(name="Kernel: build the CPU quantization kernel", model_dir=model_dir)
-        kernel.patch_quantization(name="Kernel: patch quantization.py", model_dir=model_dir)
+        kernel.build(name="Kernel: build the CPU quantization kernel", model_dir=model_dir,
+                     cpus=resources["cpus"])
+        kernel.patch_quantization(name="Kernel: patch quantization.py", model_dir=model_dir,
+                                  cpus=resources["cpus"])
         caps = gpu_kernels.needs_own_kernels(plan)
         if caps and s.build_gpu_kernels:
             gpu_kernels.build(name="Kernel: build GPU kernels for this GPU", model_dir=model_dir,

@@ -58,20 +58,22 @@ class FileText(FactBase):
         return base64.b64decode("".join(output)).decode()
 
 
-def kernel_source(model_dir: str) -> str:
-    """quantization_kernels_parallel.c on hosts with 4+ cores, else the serial one."""
-    parallel = host.get_fact(CpuCount) >= 4
+def kernel_source(model_dir: str, cpus: int = 0) -> str:
+    """quantization_kernels_parallel.c on hosts with 4+ cores, else the serial one.
+    cpus: the host's CPU count when already known (else read with CpuCount)."""
+    parallel = (cpus or host.get_fact(CpuCount)) >= 4
     return f"{model_dir}/quantization_kernels{'_parallel' if parallel else ''}.c"
 
 
 @operation()
-def build(model_dir: str):
+def build(model_dir: str, cpus: int = 0):
     """
     Compile the CPU quantization kernel into the model directory, once per source change.
 
     + model_dir: the int4/int8 model checkout holding quantization_kernels*.c
+    + cpus: the host's CPU count when deploy.py read it already (0: read it here)
     """
-    source = kernel_source(model_dir)
+    source = kernel_source(model_dir, cpus)
     built = source[:-2] + ".so"
     state = host.get_fact(KernelState, source=source, built=built)
     if not state["source"]:
@@ -118,14 +120,15 @@ def patched(text: str, path: str, kernel: str) -> str:
 
 
 @operation()
-def patch_quantization(model_dir: str):
+def patch_quantization(model_dir: str, cpus: int = 0):
     """
     Make quantize() load the prebuilt kernel by absolute path instead of compiling it.
 
     + model_dir: the int4/int8 model checkout
+    + cpus: the host's CPU count when deploy.py read it already (0: read it here)
     """
     path = f"{model_dir}/quantization.py"
-    kernel = kernel_source(model_dir)[:-2] + ".so"
+    kernel = kernel_source(model_dir, cpus)[:-2] + ".so"
     text = host.get_fact(FileText, path=path)
     if text is None:
         if host.state.is_executing:

@@ -22,7 +22,7 @@ from pyinfra.operations import files as files_ops
 from .common import fail
 from . import seafile
 from .settings import ROOT, SettingError, Settings, is_commit, load_toml
-from .system import FreeDiskBytes, MemoryBytes
+from .system import FreeDiskBytes
 
 STAMPS = ".chatglm-verified"
 TEMPLATE = ROOT / "templates" / "fetch_weights.py.j2"
@@ -229,7 +229,7 @@ def check_memory(s: Settings, variant: str, plan: dict, ram_bytes: int) -> None:
     raise SettingError(s.host, setting, problem, fix)
 
 
-@operation(is_idempotent=False)
+@operation()
 def check_resources(s: Settings, variant: str, model_dir: str):
     """
     Fail the host, before anything is downloaded, when it lacks the disk space the variant's
@@ -239,6 +239,7 @@ def check_resources(s: Settings, variant: str, model_dir: str):
     + s: the host's settings (weights_mode, weights_cache)
     + variant: fp16, int8 or int4
     + model_dir: the model checkout; once cloned its LFS pointers give the exact sizes
+    + ram_bytes: the host's RAM when deploy.py read it already (0: read it here)
     """
     need = load_toml("models.toml")["variants"][variant]
     problems, fixes = [], []

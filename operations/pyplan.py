@@ -11,12 +11,12 @@ from data/python.toml [torch.builds]. A lock without a torch line relies on the 
 the host's system Python (venv_system_site_packages=True).
 """
 
+import functools
 import re
-import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .settings import DATA, SettingError, Settings
+from .settings import DATA, SettingError, Settings, load_toml
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 PYVER = re.compile(r"3\.\d{1,2}")
@@ -24,8 +24,8 @@ CHANNEL = re.compile(r"[A-Za-z0-9_.\-]+|https?://\S+")
 
 
 def python_data() -> dict:
-    with open(DATA / "python.toml", "rb") as f:
-        return tomllib.load(f)
+    """data/python.toml (parsed once per run; shared, do not modify)."""
+    return load_toml("python.toml")
 
 
 def normalize(name: str) -> str:
@@ -45,7 +45,15 @@ def lock_path(requirements: str) -> Path:
 
 def read_lock(path: Path) -> dict:
     """{"pins": {name: version} without torch, "torch": version or None, "pythons": [...],
-    "text": the file without its torch line (what pip installs with --no-deps)}."""
+    "text": the file without its torch line (what pip installs with --no-deps)}.
+
+    Read once per run for all hosts (again if the file changes); shared, do not modify."""
+    stat = path.stat()
+    return _parsed_lock(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _parsed_lock(path: Path, mtime_ns: int, size: int) -> dict:
     pins, torch, pythons, kept = {}, None, [], []
     for raw in path.read_text().splitlines():
         comment = raw.strip()

@@ -4,6 +4,7 @@ Every key here may be set in an inventory's host or group data; inventories/gpu.
 documents each one with its default.
 """
 
+import functools
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,7 +26,16 @@ class SettingError(PyinfraError):
 
 
 def load_toml(name: str) -> dict:
-    with open(DATA / name, "rb") as f:
+    """A data/ file, parsed once per run for all hosts (again if the file changes); the
+    dict is shared: read it, do not modify it."""
+    path = DATA / name
+    stat = path.stat()
+    return _parsed_toml(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _parsed_toml(path: Path, mtime_ns: int, size: int) -> dict:
+    with open(path, "rb") as f:
         return tomllib.load(f)
 
 

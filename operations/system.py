@@ -1,5 +1,7 @@
 """Base system: the OS packages every later stage relies on."""
 
+import shlex
+
 from pyinfra import host
 from pyinfra.api import FactBase, operation
 from pyinfra.facts.server import LinuxDistribution
@@ -40,6 +42,21 @@ class MemoryBytes(FactBase):
         return int(float(output[0]))
 
 
+class HostResources(FactBase):
+    """{"cpus": online CPUs, "ram_bytes": MemTotal}: CpuCount and MemoryBytes in one command,
+    read once at collection for the stages that need them."""
+
+    def command(self):
+        return "nproc; awk '/^MemTotal:/{print $2 * 1024}' /proc/meminfo"
+
+    @staticmethod
+    def default():
+        return {"cpus": 1, "ram_bytes": 0}
+
+    def process(self, output):
+        return {"cpus": int(output[0]), "ram_bytes": int(float(output[1]))}
+
+
 class FreeDiskBytes(FactBase):
     """Bytes available to root on the filesystem holding the deepest existing parent of path."""
 
@@ -72,12 +89,40 @@ def check_supported() -> str:
     return ident
 
 
+class MissingDebs(FactBase):
+    """Which of the given Debian packages dpkg does not have installed (one dpkg-query,
+    where apt.packages reads the whole `dpkg -l`)."""
+
+    def command(self, packages):
+        names = " ".join(shlex.quote(p) for p in packages)
+        return (f"echo want {names}; "
+                f"dpkg-query -W -f='${{db:Status-Abbrev}} ${{Package}}\\n' {names} 2>/dev/null; true")
+
+    @staticmethod
+    def default():
+        return []
+
+    def process(self, output):
+        want = output[0].split()[1:]
+        installed = {line.split()[1] for line in output[1:]
+                     if len(line.split()) == 2 and line.startswith("ii")}
+        return [p for p in want if p not in installed]
+
+
 @operation()
 def base_packages(extra=None):
     """
     Install the OS packages the deploy needs (git, git-lfs, gcc, python3-venv ...).
 
     + extra: more package names to install
+
+    One dpkg query when all are installed; otherwise apt's lists are refreshed (when older
+    than a day) and the missing packages installed.
     """
+    packages = PACKAGES + list(extra or [])
+    missing = host.get_fact(MissingDebs, packages=packages)
+    if not missing:
+        host.noop(f"{len(packages)} base packages installed")
+        return
     yield from apt.update._inner(cache_time=24 * 3600)
-    yield from apt.packages._inner(packages=PACKAGES + list(extra or []), no_recommends=True)
+    yield from apt.packages._inner(packages=packages, no_recommends=True)
