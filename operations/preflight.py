@@ -42,8 +42,17 @@ def check_revision(host_name: str, setting: str, url: str, revision: str, cache:
     repo = cache / "revisions.git"
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_LFS_SKIP_SMUDGE": "1"}
     if not (repo / "HEAD").exists():
-        repo.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True, env=env)
+        try:
+            repo.mkdir(parents=True, exist_ok=True)
+            init = subprocess.run(["git", "init", "-q", "--bare", str(repo)], env=env,
+                                  capture_output=True, text=True)
+            problem = init.stderr.strip().splitlines()[-1:] if init.returncode else []
+        except OSError as error:
+            problem = [str(error)]
+        if problem:
+            _known[key] = (f"could not check {revision[:12]} of {url}: no git repo at {repo} "
+                           f"({problem[0]}); the host's clone checks it")
+            return _known[key]
     have = subprocess.run(["git", "-C", str(repo), "cat-file", "-e", f"{revision}^{{commit}}"],
                           capture_output=True, env=env)
     if have.returncode == 0:

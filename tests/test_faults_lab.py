@@ -362,6 +362,7 @@ def test_killed_during_the_weight_download_the_rerun_converges(lab, faults):
     where = "/opt/killed"
     for host in ("h12", "h13"):
         lab.ssh(host, f"rm -rf {where}")
+    seafile("DELETE", "stats")
     seafile("POST", "faults", json=[{"match": BIN[v], "kind": "slow", "delay": 20}
                                      for v in ("int4", "int8")])
     hosts = {"h12": {"variant": "int4", "weights_mode": "control", "weights_cache": str(cache)},
@@ -400,6 +401,7 @@ def test_the_disk_filling_during_the_download_is_a_clear_error_and_a_rerun_compl
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6g", "tmpfs", str(cache)], check=True)
     lab.ssh("h13", "mkdir -p /opt/tiny && mount -t tmpfs -o size=6g tmpfs /opt/tiny")
     try:
+        seafile("DELETE", "stats")
         seafile("POST", "faults", json=[{"match": BIN[v], "kind": "slow", "delay": 20}
                                          for v in ("int4", "int8")])
         common = {"stages": "system,model,kernel", "smoke_test": False}
