@@ -1,6 +1,7 @@
 """Weight fetch from the Seafile stand-in: our downloaders vs curl, memory and disk passes.
 
     .venv/bin/python bench/weight_fetch.py [--sizes 100,2048] [--rounds 5]   (MiB)
+        [--downloaders control,host,control-thread,host-thread]
 
 For each size: a random file is shared by the stand-in on loopback; then, round after
 round, curl fetches it (-L follows the dl=1 redirect), the control-side downloader
@@ -8,7 +9,8 @@ round, curl fetches it (-L follows the dl=1 redirect), the control-side download
 downloader (templates/fetch_weights.py.j2 rendered as for weights_mode=direct) fetches it
 over its LFS pointer. The runs are interleaved (curl, control, host, curl, ...) so that
 the noise of a shared machine falls on all of them alike; each round's ratio compares
-runs of that round, and the median of the rounds is reported. Also: the peak RSS of the
+runs of that round, and the median of the rounds is reported. `-thread`/`-inline` force
+HASH_THREAD on or off (default: what the downloader picks for this machine). Also: the peak RSS of the
 downloading process and its bytes read/written on disk (one pass = 0 read, 1x written).
 Results: bench/results/weight_fetch.{json,md}.
 """
@@ -17,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -42,7 +45,10 @@ print(json.dumps({{"seconds": elapsed, "cpu_s": ru.ru_utime + ru.ru_stime,
 CONTROL = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
+from operations import seafile
 from operations.seafile import download
+if {thread} is not None:
+    seafile.HASH_THREAD = {thread}
 t = time.perf_counter()
 download({share!r}, {path!r}, {dest!r}, {sha!r}, {size}, progress=False)
 elapsed = time.perf_counter() - t
@@ -72,17 +78,20 @@ def make_file(path: Path, mib: int) -> str:
     return digest.hexdigest()
 
 
-def render_host(tmp: Path, share: str, name: str, sha: str, size: int) -> Path:
+def render_host(tmp: Path, share: str, name: str, sha: str, size: int, thread=None) -> Path:
     from operations.model import STAMPS, TEMPLATE
     from pyinfra.api.util import get_template
 
     model_dir = tmp / "model"
     model_dir.mkdir(exist_ok=True)
-    script = tmp / "fetch_weights.py"
-    script.write_text(get_template(str(TEMPLATE)).render(
+    script = tmp / f"fetch_weights_{thread}.py"
+    text = get_template(str(TEMPLATE)).render(
         weights_mode="direct", source_kind="seafile", source=share, folder="/",
         model_dir=str(model_dir), stamps=STAMPS, attempts=6,
-        files=[{"name": name, "oid": sha, "size": size}]))
+        files=[{"name": name, "oid": sha, "size": size}])
+    if thread is not None:
+        text = re.sub(r"(?m)^HASH_THREAD = .*$", f"HASH_THREAD = {thread}", text)
+    script.write_text(text)
     return script
 
 
@@ -92,12 +101,17 @@ def run_child(code: str) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
+LABELS = {"control": "control (operations/seafile.py)", "host": "host (fetch_weights.py.j2)"}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="100,2048")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--downloaders", default="control,host")
     parser.add_argument("--no-write", action="store_true", help="print, do not write results")
     args = parser.parse_args()
+    who_all = args.downloaders.split(",")
     results = []
     base = ROOT / ".lab" if (ROOT / ".lab").exists() else None
     with tempfile.TemporaryDirectory(dir=base) as tmp:
@@ -112,7 +126,6 @@ def main():
                 name = f"weights-{mib}M.bin"
                 sha = make_file(share_dir / name, mib)
                 size = mib << 20
-                script = render_host(tmp, share, name, sha, size)
                 model_dir = tmp / "model"
                 subprocess.run(["sync"])
                 rounds = []
@@ -121,32 +134,40 @@ def main():
                     t = time.perf_counter()
                     subprocess.run(["curl", "-fsSL", "-o", str(tmp / "curl.out"),
                                     f"{server.url}/d/{TOKEN}/files/?p=/{name}&dl=1"], check=True)
-                    curl_s = time.perf_counter() - t
+                    got = {"curl_s": time.perf_counter() - t}
                     os.unlink(tmp / "curl.out")
-                    dest = tmp / "cache.out"
-                    control = run_child(CONTROL.format(root=str(ROOT), share=share,
-                                                       path=f"/{name}", dest=str(dest), sha=sha,
-                                                       size=size))
-                    os.unlink(dest)
-                    (model_dir / name).write_text(f"pointer {sha} {size}\n")
-                    host = run_child(HOST.format(script=str(script)))
-                    os.unlink(model_dir / name)
-                    rounds.append({"curl_s": curl_s, "control": control, "host": host})
-                    print(json.dumps({"size_mib": mib, "curl_s": round(curl_s, 3),
-                                      "control_s": round(control["seconds"], 3),
-                                      "host_s": round(host["seconds"], 3),
-                                      "control_cpu_s": round(control["cpu_s"], 3),
-                                      "host_cpu_s": round(host["cpu_s"], 3)}), flush=True)
+                    for who in who_all:
+                        kind, _, mode = who.partition("-")
+                        thread = {"thread": True, "inline": False}.get(mode)
+                        if kind == "control":
+                            dest = tmp / "cache.out"
+                            got[who] = run_child(CONTROL.format(
+                                root=str(ROOT), share=share, path=f"/{name}", dest=str(dest),
+                                sha=sha, size=size, thread=thread))
+                            os.unlink(dest)
+                        else:
+                            script = render_host(tmp, share, name, sha, size, thread)
+                            (model_dir / name).write_text(f"pointer {sha} {size}\n")
+                            got[who] = run_child(HOST.format(script=str(script)))
+                            os.unlink(model_dir / name)
+                    rounds.append(got)
+                    print(json.dumps({"size_mib": mib, "curl_s": round(got["curl_s"], 3),
+                                      **{f"{w}_s": round(got[w]["seconds"], 3) for w in who_all},
+                                      **{f"{w}_cpu_s": round(got[w]["cpu_s"], 3)
+                                         for w in who_all}}), flush=True)
                 os.unlink(share_dir / name)
                 med = statistics.median
                 row = {"size_mib": mib, "rounds": args.rounds,
                        "curl_mib_s": round(mib / med(r["curl_s"] for r in rounds), 1)}
-                for who in ("control", "host"):
+                for who in who_all:
                     runs = [r[who] for r in rounds]
+                    ratios = [r["curl_s"] / r[who]["seconds"] for r in rounds]
                     row[who] = {
                         "mib_s": round(mib / med(r["seconds"] for r in runs), 1),
-                        "ratio": round(med(r["curl_s"] / r[who]["seconds"] for r in rounds), 3),
-                        "ratio_min": round(min(r["curl_s"] / r[who]["seconds"] for r in rounds), 3),
+                        "ratio": round(med(ratios), 3),
+                        "ratio_min": round(min(ratios), 3),
+                        "ratio_max": round(max(ratios), 3),
+                        "cpu_s": round(med(r["cpu_s"] for r in runs), 2),
                         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
                         "disk_read_bytes": max(r["read_bytes"] for r in runs),
                         "disk_write_passes": round(max(r["write_bytes"] for r in runs) / size, 3),
@@ -156,19 +177,24 @@ def main():
         finally:
             server.stop()
     lines = ["| size | downloader | curl MiB/s | ours MiB/s | ours/curl, median of rounds "
-             "(lowest) (target >= 0.9) | peak RSS MB (target < 200, flat) | disk read bytes "
-             "| write passes (target 1) |", "|---|---|---|---|---|---|---|---|"]
+             "(lowest-highest) (target >= 0.9) | CPU s | peak RSS MB (target < 200, flat) "
+             "| disk read bytes | write passes (target 1) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        for who, label in (("control", "control (operations/seafile.py)"),
-                           ("host", "host (fetch_weights.py.j2)")):
+        for who in who_all:
+            kind, _, mode = who.partition("-")
+            label = LABELS[kind] + (f", hash thread {'on' if mode == 'thread' else 'off'}"
+                                    if mode else "")
             c = r[who]
             lines.append(f"| {r['size_mib']} MiB | {label} | {r['curl_mib_s']} | {c['mib_s']} | "
-                         f"{c['ratio']} ({c['ratio_min']}) | {c['peak_rss_mb']} | "
-                         f"{c['disk_read_bytes']} | {c['disk_write_passes']} |")
+                         f"{c['ratio']} ({c['ratio_min']}-{c['ratio_max']}) | {c['cpu_s']} | "
+                         f"{c['peak_rss_mb']} | {c['disk_read_bytes']} | "
+                         f"{c['disk_write_passes']} |")
     lines.append("")
     lines.append(f"{results[0]['rounds'] if results else 0} rounds per size, interleaved "
-                 "(curl, control, host); the host downloader fsyncs the file before it "
-                 "replaces the pointer, so its time includes the flush to disk.")
+                 f"(curl, {', '.join(who_all)}), on a machine with {len(os.sched_getaffinity(0))} "
+                 "CPUs; the host downloader fsyncs the file before it replaces the pointer, so "
+                 "its time includes the flush to disk.")
     print("\n".join(lines))
     if not args.no_write:
         out = ROOT / "bench" / "results"

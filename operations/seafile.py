@@ -24,7 +24,9 @@ follows the same rules; tests/test_weights_download.py runs both through the sam
 Speed (bench/weight_fetch.py): the body is read in BLOCK-sized pieces straight into a few
 reused buffers (http.client's readinto, no copies), written at once on the downloading
 thread, and hashed on a native worker thread that the buffers reach through a short FIFO
-(hashlib releases the GIL on large buffers). No fsync: the blob is a cache entry, and the
+(hashlib releases the GIL on large buffers) where the machine has a core to spare for it
+(HASH_THREAD: 4 CPUs or more); on fewer, hashing on the downloading thread measured faster
+(the worker only added cross-CPU cost while the cores were busy anyway). No fsync: the blob is a cache entry, and the
 host hashes every file again before it replaces a pointer (an fsync would flush the whole
 file to disk inside the download: 0.6x of curl's time instead of 0.96x on 1 GiB here).
 """
@@ -53,6 +55,8 @@ READ = BLOCK
 ATTEMPTS = 6
 BACKOFF = 0.5  # seconds before the second try, doubled for each further one, at most 10
 TIMEOUT = (30, 60)
+# Hash on a worker thread only where a core is likely free for it (see bench/weight_fetch.py).
+HASH_THREAD = len(os.sched_getaffinity(0)) >= 4
 LOCK_WAIT = 10.0  # seconds to wait for another download of the same file to end
 # Errors of a read from the network: worth another try.
 _NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
@@ -194,16 +198,17 @@ def _redirect(http, base, token, file_path) -> str:
 class _Partial:
     """The .partial file of a download and the sha256 of what it holds.
 
-    append() writes a block at once and queues it for the hashing thread; the buffer of a
-    block is only handed out again once its hash update is done. sync() waits for every
-    queued update, so `digest` covers exactly the `have` bytes written.
+    append() writes a block at once and queues it for the hashing thread (or hashes it at
+    once without HASH_THREAD); the buffer of a block is only handed out again once its hash
+    update is done. sync() waits for every queued update, so `digest` then covers exactly
+    the `have` bytes written.
     """
 
     def __init__(self, path: Path, size: int, what: str = "the control cache"):
         self.path, self.size, self.what = path, size, what
         self.buffers = [memoryview(bytearray(BLOCK)) for _ in range(DEPTH)]
         self.hashing = collections.deque()  # futures of queued hash updates, oldest first
-        self.hasher = _native_executor()
+        self.hasher = _native_executor() if HASH_THREAD else None
         self.fd, self.turn = None, 0
         self.digest, self.have = hashlib.sha256(), 0
         if path.exists() and path.stat().st_size <= size:
@@ -246,10 +251,16 @@ class _Partial:
                 self.have += written
                 done += written
         except OSError as error:
-            self.hashing.append(self.hasher.submit(self.digest.update, block[:done]))
+            self._hash(block[:done])
             self.sync()
             raise self._disk_error(error) from None
-        self.hashing.append(self.hasher.submit(self.digest.update, block))
+        self._hash(block)
+
+    def _hash(self, block: memoryview):
+        if self.hasher is None:
+            self.digest.update(block)
+        else:
+            self.hashing.append(self.hasher.submit(self.digest.update, block))
 
     def restart(self):
         self.sync()
@@ -271,7 +282,8 @@ class _Partial:
             self.sync()
             self._close()
         finally:
-            self.hasher.shutdown()
+            if self.hasher is not None:
+                self.hasher.shutdown()
 
 
 def _readinto(resp):
