@@ -1,7 +1,7 @@
 """Weight fetch from the Seafile stand-in: our downloaders vs curl, memory and disk passes.
 
     .venv/bin/python bench/weight_fetch.py [--sizes 100,2048] [--rounds 5]   (MiB)
-        [--downloaders control,host,control-thread,host-thread]
+        [--downloaders control,host,control-thread,host-thread,control@REV,host@REV]
 
 For each size: a random file is shared by the stand-in on loopback; then, round after
 round, curl fetches it (-L follows the dl=1 redirect), the control-side downloader
@@ -10,7 +10,9 @@ downloader (templates/fetch_weights.py.j2 rendered as for weights_mode=direct) f
 over its LFS pointer. The runs are interleaved (curl, control, host, curl, ...) so that
 the noise of a shared machine falls on all of them alike; each round's ratio compares
 runs of that round, and the median of the rounds is reported. `-thread`/`-inline` force
-HASH_THREAD on or off (default: what the downloader picks for this machine). Also: the peak RSS of the
+HASH_THREAD on or off (default: what the downloader picks for this machine); `@REV`
+runs that git revision's downloader (e.g. control@d3e55db, the one before issue 8's
+work), in the same rounds. Also: the peak RSS of the
 downloading process and its bytes read/written on disk (one pass = 0 read, 1x written).
 Results: bench/results/weight_fetch.{json,md}.
 """
@@ -43,10 +45,12 @@ print(json.dumps({{"seconds": elapsed, "cpu_s": ru.ru_utime + ru.ru_stime,
                   "write_bytes": int(io["write_bytes"]), "peak_rss_mb": int(hwm) / 1024}}))
 """
 CONTROL = """
-import json, resource, sys, time
+import importlib.util, json, resource, sys, time
 sys.path.insert(0, {root!r})
-from operations import seafile
-from operations.seafile import download
+spec = importlib.util.spec_from_file_location("seafile_under_test", {module!r})
+seafile = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(seafile)
+download = seafile.download
 if {thread} is not None:
     seafile.HASH_THREAD = {thread}
 t = time.perf_counter()
@@ -78,14 +82,26 @@ def make_file(path: Path, mib: int) -> str:
     return digest.hexdigest()
 
 
-def render_host(tmp: Path, share: str, name: str, sha: str, size: int, thread=None) -> Path:
+def at_revision(tmp: Path, rev: str, path: str) -> Path:
+    """path as it was at git revision rev (a copy under tmp)."""
+    out = tmp / "rev" / rev / path
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True,
+                                       capture_output=True).stdout)
+    return out
+
+
+def render_host(tmp: Path, share: str, name: str, sha: str, size: int, thread=None,
+                rev=None) -> Path:
     from operations.model import STAMPS, TEMPLATE
     from pyinfra.api.util import get_template
 
     model_dir = tmp / "model"
     model_dir.mkdir(exist_ok=True)
-    script = tmp / f"fetch_weights_{thread}.py"
-    text = get_template(str(TEMPLATE)).render(
+    script = tmp / f"fetch_weights_{thread}_{rev}.py"
+    template = at_revision(tmp, rev, "templates/fetch_weights.py.j2") if rev else TEMPLATE
+    text = get_template(str(template)).render(
         weights_mode="direct", source_kind="seafile", source=share, folder="/",
         model_dir=str(model_dir), stamps=STAMPS, attempts=6,
         files=[{"name": name, "oid": sha, "size": size}])
@@ -138,15 +154,19 @@ def main():
                     os.unlink(tmp / "curl.out")
                     for who in who_all:
                         kind, _, mode = who.partition("-")
+                        kind, _, rev = kind.partition("@")
                         thread = {"thread": True, "inline": False}.get(mode)
                         if kind == "control":
                             dest = tmp / "cache.out"
+                            module = (at_revision(tmp, rev, "operations/seafile.py") if rev
+                                      else ROOT / "operations" / "seafile.py")
                             got[who] = run_child(CONTROL.format(
-                                root=str(ROOT), share=share, path=f"/{name}", dest=str(dest),
-                                sha=sha, size=size, thread=thread))
+                                root=str(ROOT), module=str(module), share=share,
+                                path=f"/{name}", dest=str(dest), sha=sha, size=size,
+                                thread=thread))
                             os.unlink(dest)
                         else:
-                            script = render_host(tmp, share, name, sha, size, thread)
+                            script = render_host(tmp, share, name, sha, size, thread, rev)
                             (model_dir / name).write_text(f"pointer {sha} {size}\n")
                             got[who] = run_child(HOST.format(script=str(script)))
                             os.unlink(model_dir / name)
@@ -183,8 +203,9 @@ def main():
     for r in results:
         for who in who_all:
             kind, _, mode = who.partition("-")
+            kind, _, rev = kind.partition("@")
             label = LABELS[kind] + (f", hash thread {'on' if mode == 'thread' else 'off'}"
-                                    if mode else "")
+                                    if mode else "") + (f", at {rev}" if rev else "")
             c = r[who]
             lines.append(f"| {r['size_mib']} MiB | {label} | {r['curl_mib_s']} | {c['mib_s']} | "
                          f"{c['ratio']} ({c['ratio_min']}-{c['ratio_max']}) | {c['cpu_s']} | "

@@ -411,11 +411,12 @@ def test_second_downloader_waits_and_finds_the_file_done(request, seaf, share, t
         tmp.mkdir()
         settled(seaf)
         seaf.reset_stats()
-        join, _ = start_first(driver, seaf, share, tmp)
+        join, lock = start_first(driver, seaf, share, tmp)
         second = DRIVERS[driver](seaf, tmp, share[1], lock_wait=20)
         first = join()
         assert first.ok and second.ok and first.placed == second.placed == share[1]
         assert settled(seaf)["per_file"] == {FILE_PATH: SIZE}  # fetched once, not twice
+        assert not lock.exists()  # removed by its last holder
 
 
 def test_second_downloader_gives_up_with_a_clear_error(request, seaf, share, tmp_path):
@@ -425,7 +426,7 @@ def test_second_downloader_gives_up_with_a_clear_error(request, seaf, share, tmp
         join, lock = start_first(driver, seaf, share, tmp)
         second = DRIVERS[driver](seaf, tmp, share[1], lock_wait=0.3)
         first = join()
-        assert first.ok and first.placed == share[1]
+        assert first.ok and first.placed == share[1] and not lock.exists()
         assert not second.ok
         what = (f"the control cache: {lock.with_suffix('')}" if driver == "control" else NAME)
         assert re.fullmatch(
