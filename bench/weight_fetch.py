@@ -9,7 +9,8 @@ round, curl fetches it (-L follows the dl=1 redirect), the control-side download
 downloader (templates/fetch_weights.py.j2 rendered as for weights_mode=direct) fetches it
 over its LFS pointer. The runs are interleaved (curl, control, host, curl, ...) so that
 the noise of a shared machine falls on all of them alike; each round's ratio compares
-runs of that round, and the median of the rounds is reported. `-thread`/`-inline` force
+runs of that round, and the median of the rounds is reported; the order is shuffled
+each round (seeded: the same orders on every run). `-thread`/`-inline` force
 HASH_THREAD on or off (default: what the downloader picks for this machine); `@REV`
 runs that git revision's downloader (e.g. control@d3e55db, the one before issue 8's
 work), in the same rounds. Also: the peak RSS of the
@@ -21,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -145,14 +147,24 @@ def main():
                 model_dir = tmp / "model"
                 subprocess.run(["sync"])
                 rounds = []
+                shuffle = random.Random(mib).shuffle
                 for _ in range(args.rounds):
-                    # curl: the same file through the same redirect, written to disk.
-                    t = time.perf_counter()
-                    subprocess.run(["curl", "-fsSL", "-o", str(tmp / "curl.out"),
-                                    f"{server.url}/d/{TOKEN}/files/?p=/{name}&dl=1"], check=True)
-                    got = {"curl_s": time.perf_counter() - t}
-                    os.unlink(tmp / "curl.out")
-                    for who in who_all:
+                    got = {}
+                    # A new order each round: a run in the wake of another one (its page cache
+                    # freed, its writeback going on) measured up to 2x slower, so no downloader
+                    # may always follow the same one.
+                    order = ["curl", *who_all]
+                    shuffle(order)
+                    for who in order:
+                        if who == "curl":
+                            # the same file through the same redirect, written to disk.
+                            t = time.perf_counter()
+                            subprocess.run(["curl", "-fsSL", "-o", str(tmp / "curl.out"),
+                                            f"{server.url}/d/{TOKEN}/files/?p=/{name}&dl=1"],
+                                           check=True)
+                            got["curl_s"] = time.perf_counter() - t
+                            os.unlink(tmp / "curl.out")
+                            continue
                         kind, _, mode = who.partition("-")
                         kind, _, rev = kind.partition("@")
                         thread = {"thread": True, "inline": False}.get(mode)
@@ -213,7 +225,7 @@ def main():
                          f"{c['disk_write_passes']} |")
     lines.append("")
     lines.append(f"{results[0]['rounds'] if results else 0} rounds per size, interleaved "
-                 f"(curl, {', '.join(who_all)}), on a machine with {len(os.sched_getaffinity(0))} "
+                 f"(curl, {', '.join(who_all)}; a new order each round), on a machine with {len(os.sched_getaffinity(0))} "
                  "CPUs; the host downloader fsyncs the file before it replaces the pointer, so "
                  "its time includes the flush to disk.")
     print("\n".join(lines))

@@ -24,12 +24,12 @@ follows the same rules; tests/test_weights_download.py runs both through the sam
 Speed (bench/weight_fetch.py): the body is read in BLOCK-sized pieces straight into a few
 reused buffers (http.client's readinto, no copies), written at once on the downloading
 thread, and hashed on a native worker thread that the buffers reach through a short FIFO
-(hashlib releases the GIL on large buffers) where the machine has a core to spare for it
-(HASH_THREAD: 4 CPUs or more); on fewer, hashing on the downloading thread measured faster
-(the worker only added cross-CPU cost while the cores were busy anyway). No fsync: the
+(hashlib releases the GIL on large buffers), so hashing overlaps the reads where a core is
+free; on this 2-core machine, with the stand-in busy on one core, hashing in line
+(HASH_THREAD = False) measured the same within the noise (shuffled rounds). No fsync: the
 blob is a cache entry, and the host hashes every file again before it replaces a pointer;
-an fsync flushes the whole file to disk inside the download (1 GiB on this machine:
-0.56-0.66x of curl's speed with it, 0.96-0.99x without).
+an fsync would put the flush of the whole file to disk inside the download (curl does
+not flush either).
 """
 
 import collections
@@ -56,8 +56,7 @@ READ = BLOCK
 ATTEMPTS = 6
 BACKOFF = 0.5  # seconds before the second try, doubled for each further one, at most 10
 TIMEOUT = (30, 60)
-# Hash on a worker thread only where a core is likely free for it (see bench/weight_fetch.py).
-HASH_THREAD = len(os.sched_getaffinity(0)) >= 4
+HASH_THREAD = True  # False: hash on the downloading thread (bench/weight_fetch.py -inline)
 LOCK_WAIT = 10.0  # seconds to wait for another download of the same file to end
 # Errors of a read from the network: worth another try.
 _NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError,

@@ -156,6 +156,14 @@ def test_clean_download(fetch, seaf, share):
     assert stats["per_file"] == {FILE_PATH: SIZE} and stats["redirects"] == 1
 
 
+def test_hashing_on_the_downloading_thread_gives_the_same_result(seaf, share, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setattr(seafile, "HASH_THREAD", False)
+    seaf.add_faults([{"match": NAME, "kind": "cut", "after": 300_000}])
+    r = run_control(seaf, tmp_path, share[1])
+    assert r.ok and r.placed == share[1] and resumed(seaf)
+
+
 def test_connection_cut_mid_file_resumes_with_range(fetch, seaf, share):
     seaf.add_faults([{"match": NAME, "kind": "cut", "after": 300_000}])
     r = fetch()
