@@ -1,18 +1,30 @@
-"""Weight fetch from the Seafile stand-in: our downloader vs curl, memory and disk passes.
+"""Weight fetch from the Seafile stand-in: our downloaders vs curl, memory and disk passes.
 
-    .venv/bin/python bench/weight_fetch.py [--sizes 100,2048]   (MiB)
+    .venv/bin/python bench/weight_fetch.py [--sizes 100,2048] [--rounds 5]   (MiB)
+        [--downloaders control,host,control-thread,host-thread,control@REV,host@REV]
 
-For each size: a random file is shared by the stand-in on loopback; curl fetches it
-(-L follows the dl=1 redirect) and our downloader fetches it (302, Range-capable
-stream, sha256 while writing). Prints throughput of both and their ratio, the peak RSS
-of the downloading process, and its bytes read/written on disk (one pass = 0 read,
-1x written). Results: bench/results/weight_fetch.{json,md}.
+For each size: a random file is shared by the stand-in on loopback; then, round after
+round, curl fetches it (-L follows the dl=1 redirect), the control-side downloader
+(operations/seafile.py, weights_mode=control) fetches it into a cache, and the host-side
+downloader (templates/fetch_weights.py.j2 rendered as for weights_mode=direct) fetches it
+over its LFS pointer. The runs are interleaved (curl, control, host, curl, ...) so that
+the noise of a shared machine falls on all of them alike; each round's ratio compares
+runs of that round, and the median of the rounds is reported; the order is shuffled
+each round (seeded: the same orders on every run). `-thread`/`-inline` force
+HASH_THREAD on or off (default: what the downloader picks for this machine); `@REV`
+runs that git revision's downloader (e.g. control@d3e55db, the one before issue 8's
+work), in the same rounds. Also: the peak RSS of the
+downloading process and its bytes read/written on disk (one pass = 0 read, 1x written).
+Results: bench/results/weight_fetch.{json,md}.
 """
 
 import argparse
 import hashlib
 import json
 import os
+import random
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,19 +36,41 @@ sys.path.insert(0, str(ROOT))
 
 from lab.seafile import SeafileStandIn  # noqa: E402
 
-CHILD = """
-import json, os, resource, sys, time
+TOKEN = "benchtoken0000000000"
+REPORT = """
+io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+# VmHWM, not ru_maxrss: ru_maxrss survives fork+exec and would report the parent's peak.
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({{"seconds": elapsed, "cpu_s": ru.ru_utime + ru.ru_stime,
+                  "read_bytes": int(io["read_bytes"]),
+                  "write_bytes": int(io["write_bytes"]), "peak_rss_mb": int(hwm) / 1024}}))
+"""
+CONTROL = """
+import importlib.util, json, resource, sys, time
 sys.path.insert(0, {root!r})
-from operations.seafile import download
+spec = importlib.util.spec_from_file_location("seafile_under_test", {module!r})
+seafile = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(seafile)
+download = seafile.download
+if {thread} is not None:
+    seafile.HASH_THREAD = {thread}
 t = time.perf_counter()
 download({share!r}, {path!r}, {dest!r}, {sha!r}, {size}, progress=False)
 elapsed = time.perf_counter() - t
-io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
-print(json.dumps({{"seconds": elapsed, "read_bytes": int(io["read_bytes"]),
-                  "write_bytes": int(io["write_bytes"]),
-                  "rchar": int(io["rchar"]),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
-"""
+""" + REPORT
+# The rendered fetcher runs as on a host: its own module, main() timed from the start of
+# the script (imports included) to its exit.
+HOST = """
+import json, resource, runpy, sys, time
+t = time.perf_counter()
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+except SystemExit as e:
+    if e.code:
+        raise
+elapsed = time.perf_counter() - t
+""" + REPORT
 
 
 def make_file(path: Path, mib: int) -> str:
@@ -50,61 +84,156 @@ def make_file(path: Path, mib: int) -> str:
     return digest.hexdigest()
 
 
+def at_revision(tmp: Path, rev: str, path: str) -> Path:
+    """path as it was at git revision rev (a copy under tmp)."""
+    out = tmp / "rev" / rev / path
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True,
+                                       capture_output=True).stdout)
+    return out
+
+
+def render_host(tmp: Path, share: str, name: str, sha: str, size: int, thread=None,
+                rev=None) -> Path:
+    from operations.model import STAMPS, TEMPLATE
+    from pyinfra.api.util import get_template
+
+    model_dir = tmp / "model"
+    model_dir.mkdir(exist_ok=True)
+    script = tmp / f"fetch_weights_{thread}_{rev}.py"
+    template = at_revision(tmp, rev, "templates/fetch_weights.py.j2") if rev else TEMPLATE
+    text = get_template(str(template)).render(
+        weights_mode="direct", source_kind="seafile", source=share, folder="/",
+        model_dir=str(model_dir), stamps=STAMPS, attempts=6,
+        files=[{"name": name, "oid": sha, "size": size}])
+    if thread is not None:
+        text = re.sub(r"(?m)^HASH_THREAD = .*$", f"HASH_THREAD = {thread}", text)
+    script.write_text(text)
+    return script
+
+
+def run_child(code: str) -> dict:
+    child = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                           text=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+LABELS = {"control": "control (operations/seafile.py)", "host": "host (fetch_weights.py.j2)"}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="100,2048")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--downloaders", default="control,host")
+    parser.add_argument("--no-write", action="store_true", help="print, do not write results")
     args = parser.parse_args()
+    who_all = args.downloaders.split(",")
     results = []
-    with tempfile.TemporaryDirectory(dir=ROOT / ".lab" if (ROOT / ".lab").exists() else None) as tmp:
+    base = ROOT / ".lab" if (ROOT / ".lab").exists() else None
+    with tempfile.TemporaryDirectory(dir=base) as tmp:
         tmp = Path(tmp)
         share_dir = tmp / "share"
         share_dir.mkdir()
-        server = SeafileStandIn({"benchtoken0000000000": str(share_dir)}, port=0)
+        server = SeafileStandIn({TOKEN: str(share_dir)}, port=0)
         server.start()
         try:
-            share = f"{server.url}/d/benchtoken0000000000/"
+            share = f"{server.url}/d/{TOKEN}/"
             for mib in (int(s) for s in args.sizes.split(",")):
                 name = f"weights-{mib}M.bin"
                 sha = make_file(share_dir / name, mib)
                 size = mib << 20
+                model_dir = tmp / "model"
                 subprocess.run(["sync"])
-                # curl: the same file through the same redirect, written to disk.
-                t = time.perf_counter()
-                subprocess.run(["curl", "-fsSL", "-o", str(tmp / "curl.out"),
-                                f"{server.url}/d/benchtoken0000000000/files/?p=/{name}&dl=1"],
-                               check=True)
-                curl_s = time.perf_counter() - t
-                os.unlink(tmp / "curl.out")
-                dest = tmp / "ours.out"
-                child = subprocess.run(
-                    [sys.executable, "-c", CHILD.format(root=str(ROOT), share=share, path=f"/{name}",
-                                                        dest=str(dest), sha=sha, size=size)],
-                    check=True, capture_output=True, text=True)
-                ours = json.loads(child.stdout.strip().splitlines()[-1])
-                os.unlink(dest)
+                rounds = []
+                shuffle = random.Random(mib).shuffle
+                for _ in range(args.rounds):
+                    got = {}
+                    # A new order each round: a run in the wake of another one (its page cache
+                    # freed, its writeback going on) measured up to 2x slower, so no downloader
+                    # may always follow the same one.
+                    order = ["curl", *who_all]
+                    shuffle(order)
+                    for who in order:
+                        if who == "curl":
+                            # the same file through the same redirect, written to disk.
+                            t = time.perf_counter()
+                            subprocess.run(["curl", "-fsSL", "-o", str(tmp / "curl.out"),
+                                            f"{server.url}/d/{TOKEN}/files/?p=/{name}&dl=1"],
+                                           check=True)
+                            got["curl_s"] = time.perf_counter() - t
+                            os.unlink(tmp / "curl.out")
+                            continue
+                        kind, _, mode = who.partition("-")
+                        kind, _, rev = kind.partition("@")
+                        thread = {"thread": True, "inline": False}.get(mode)
+                        if kind == "control":
+                            dest = tmp / "cache.out"
+                            module = (at_revision(tmp, rev, "operations/seafile.py") if rev
+                                      else ROOT / "operations" / "seafile.py")
+                            got[who] = run_child(CONTROL.format(
+                                root=str(ROOT), module=str(module), share=share,
+                                path=f"/{name}", dest=str(dest), sha=sha, size=size,
+                                thread=thread))
+                            os.unlink(dest)
+                        else:
+                            script = render_host(tmp, share, name, sha, size, thread, rev)
+                            (model_dir / name).write_text(f"pointer {sha} {size}\n")
+                            got[who] = run_child(HOST.format(script=str(script)))
+                            os.unlink(model_dir / name)
+                    rounds.append(got)
+                    print(json.dumps({"size_mib": mib, "curl_s": round(got["curl_s"], 3),
+                                      **{f"{w}_s": round(got[w]["seconds"], 3) for w in who_all},
+                                      **{f"{w}_cpu_s": round(got[w]["cpu_s"], 3)
+                                         for w in who_all}}), flush=True)
                 os.unlink(share_dir / name)
-                results.append({
-                    "size_mib": mib,
-                    "curl_mib_s": round(mib / curl_s, 1),
-                    "ours_mib_s": round(mib / ours["seconds"], 1),
-                    "ratio": round(curl_s / ours["seconds"], 3),
-                    "peak_rss_mb": round(ours["peak_rss_mb"], 1),
-                    "disk_read_bytes": ours["read_bytes"],
-                    "disk_write_passes": round(ours["write_bytes"] / size, 3),
-                })
-                print(json.dumps(results[-1]), flush=True)
+                med = statistics.median
+                row = {"size_mib": mib, "rounds": args.rounds,
+                       "curl_mib_s": round(mib / med(r["curl_s"] for r in rounds), 1)}
+                for who in who_all:
+                    runs = [r[who] for r in rounds]
+                    ratios = [r["curl_s"] / r[who]["seconds"] for r in rounds]
+                    row[who] = {
+                        "mib_s": round(mib / med(r["seconds"] for r in runs), 1),
+                        "ratio": round(med(ratios), 3),
+                        "ratio_min": round(min(ratios), 3),
+                        "ratio_max": round(max(ratios), 3),
+                        "cpu_s": round(med(r["cpu_s"] for r in runs), 2),
+                        "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
+                        "disk_read_bytes": max(r["read_bytes"] for r in runs),
+                        "disk_write_passes": round(max(r["write_bytes"] for r in runs) / size, 3),
+                    }
+                results.append(row)
+                print(json.dumps(row), flush=True)
         finally:
             server.stop()
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "weight_fetch.json").write_text(json.dumps(results, indent=1))
-    lines = ["| size | curl MiB/s | ours MiB/s | ours/curl (target >= 0.9) | peak RSS MB (target < 200, flat) "
-             "| disk read bytes | write passes (target 1) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| size | downloader | curl MiB/s | ours MiB/s | ours/curl, median of rounds "
+             "(lowest-highest) (target >= 0.9) | CPU s | peak RSS MB (target < 200, flat) "
+             "| disk read bytes | write passes (target 1) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['size_mib']} MiB | {r['curl_mib_s']} | {r['ours_mib_s']} | {r['ratio']} | "
-                     f"{r['peak_rss_mb']} | {r['disk_read_bytes']} | {r['disk_write_passes']} |")
-    (out / "weight_fetch.md").write_text("\n".join(lines) + "\n")
+        for who in who_all:
+            kind, _, mode = who.partition("-")
+            kind, _, rev = kind.partition("@")
+            label = LABELS[kind] + (f", hash thread {'on' if mode == 'thread' else 'off'}"
+                                    if mode else "") + (f", at {rev}" if rev else "")
+            c = r[who]
+            lines.append(f"| {r['size_mib']} MiB | {label} | {r['curl_mib_s']} | {c['mib_s']} | "
+                         f"{c['ratio']} ({c['ratio_min']}-{c['ratio_max']}) | {c['cpu_s']} | "
+                         f"{c['peak_rss_mb']} | {c['disk_read_bytes']} | "
+                         f"{c['disk_write_passes']} |")
+    lines.append("")
+    lines.append(f"{results[0]['rounds'] if results else 0} rounds per size, interleaved "
+                 f"(curl, {', '.join(who_all)}; a new order each round), on a machine with {len(os.sched_getaffinity(0))} "
+                 "CPUs; the host downloader fsyncs the file before it replaces the pointer, so "
+                 "its time includes the flush to disk.")
     print("\n".join(lines))
+    if not args.no_write:
+        out = ROOT / "bench" / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "weight_fetch.json").write_text(json.dumps(results, indent=1))
+        (out / "weight_fetch.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

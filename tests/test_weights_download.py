@@ -10,8 +10,12 @@ where the weights belong.
 import ast
 import hashlib
 import os
+import re
+import resource
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -57,21 +61,27 @@ class Result:
         self.ok, self.error, self.placed, self.partial = ok, error, placed, partial
 
 
-def run_control(seaf, tmp, data, size=SIZE, partial=b"", name=NAME):
-    """operations/seafile.py as fetch_to_cache uses it: find, download into the cache."""
+def run_control(seaf, tmp, data, size=SIZE, partial=b"", name=NAME, fsize=None, lock_wait=10):
+    """operations/seafile.py as fetch_to_cache uses it: find, download into the cache.
+    fsize: a file size limit (RLIMIT_FSIZE) while it downloads."""
     oid = hashlib.sha256(data).hexdigest()
     target = tmp / "cache" / "blobs" / oid
     target.parent.mkdir(parents=True, exist_ok=True)
     if partial:
         target.with_name(oid + ".partial").write_bytes(partial)
     share_url = f"{seaf.url}/d/{TOKEN}/"
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     try:
         path = seafile.find_file(share_url, FOLDER, name, size, backoff=0)
+        if fsize:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, limits[1]))
         seafile.download(share_url, path, target, oid, size, progress=False, backoff=0,
-                         attempts=3)
+                         attempts=3, lock_wait=lock_wait)
         error = ""
     except seafile.ShareError as e:
         error = str(e)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
     placed = target.read_bytes() if target.exists() else None
     left = target.with_name(oid + ".partial")
     return Result(not error, error, placed, left.read_bytes() if left.exists() else None)
@@ -87,8 +97,10 @@ def render_fetcher(tmp, source_kind, source, files, folder=FOLDER) -> Path:
     return script
 
 
-def run_host(seaf, tmp, data, size=SIZE, partial=b"", name=NAME, mirror=None):
-    """templates/fetch_weights.py.j2 as the weights operation runs it on a host."""
+def run_host(seaf, tmp, data, size=SIZE, partial=b"", name=NAME, mirror=None, fsize=None,
+             lock_wait=10):
+    """templates/fetch_weights.py.j2 as the weights operation runs it on a host.
+    fsize: a file size limit (RLIMIT_FSIZE) for the fetcher's process."""
     oid = hashlib.sha256(data).hexdigest()
     model_dir = tmp / "model"
     model_dir.mkdir(exist_ok=True)
@@ -98,8 +110,10 @@ def run_host(seaf, tmp, data, size=SIZE, partial=b"", name=NAME, mirror=None):
     files = [{"name": name, "oid": oid, "size": size}]
     script = (render_fetcher(tmp, "mirror", mirror, files) if mirror else
               render_fetcher(tmp, "seafile", f"{seaf.url}/d/{TOKEN}/", files))
-    proc = subprocess.run([sys.executable, str(script), "--attempts", "3", "--backoff", "0"],
-                          capture_output=True, text=True, timeout=60)
+    limit = fsize and (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize)))
+    proc = subprocess.run([sys.executable, str(script), "--attempts", "3", "--backoff", "0",
+                           "--lock-wait", str(lock_wait)],
+                          capture_output=True, text=True, timeout=60, preexec_fn=limit or None)
     errors = [l[len("ERROR: "):] for l in proc.stderr.splitlines() if l.startswith("ERROR: ")]
     assert (proc.returncode == 0) == (not errors), proc.stderr
     placed = (model_dir / name).read_bytes()
@@ -140,6 +154,14 @@ def test_clean_download(fetch, seaf, share):
     assert r.ok and r.placed == share[1] and r.partial is None
     stats = seaf.stats()
     assert stats["per_file"] == {FILE_PATH: SIZE} and stats["redirects"] == 1
+
+
+def test_hashing_on_the_downloading_thread_gives_the_same_result(seaf, share, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setattr(seafile, "HASH_THREAD", False)
+    seaf.add_faults([{"match": NAME, "kind": "cut", "after": 300_000}])
+    r = run_control(seaf, tmp_path, share[1])
+    assert r.ok and r.placed == share[1] and resumed(seaf)
 
 
 def test_connection_cut_mid_file_resumes_with_range(fetch, seaf, share):
@@ -251,3 +273,171 @@ def test_fetcher_is_standard_library_python_3_8(tmp_path):
                  if isinstance(n, ast.ImportFrom)}
     assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
     assert "FILES = []" in source and "ATTEMPTS = 6" in source
+
+
+# -- the disk fills up: final at once, the .partial kept for the rerun, nothing in place
+
+def settled(seaf):
+    """The stand-in's stats once its threads are done counting (a response the client
+    dropped, or the last block of one it finished, may be counted a moment later)."""
+    last = seaf.stats()
+    while True:
+        time.sleep(0.1)
+        now = seaf.stats()
+        if now == last:
+            return now
+        last = now
+
+
+def partial_path(driver, tmp, data):
+    if driver == "control":
+        return tmp / "cache" / "blobs" / (hashlib.sha256(data).hexdigest() + ".partial")
+    return tmp / "model" / f".{NAME}.partial"
+
+
+def check_disk_error(r, seaf, share, tmp, driver, strerror):
+    data = share[1]
+    part = partial_path(driver, tmp, data)
+    assert not r.ok and r.placed is None
+    assert 0 < len(r.partial) < SIZE and r.partial == data[:len(r.partial)]
+    who = "the control cache" if driver == "control" else NAME
+    setting = "weights_cache" if driver == "control" else "install_dir"
+    assert r.error == (
+        f"{who}: {strerror} while writing {part} ({len(r.partial)} of {SIZE} bytes written); "
+        f"free space under {part.parent} (or set {setting} to a larger filesystem) and rerun: "
+        "the download resumes")
+    assert seaf.stats()["redirects"] == 1  # stopped at once: no retry
+
+
+def test_file_size_limit_is_final_keeps_the_partial_and_the_rerun_resumes(
+        request, fetch, seaf, share, tmp_path):
+    driver = request.node.callspec.params["fetch"]
+    r = fetch(fsize=300_000)  # EFBIG past 300000 bytes, as a full disk would stop it
+    check_disk_error(r, seaf, share, tmp_path, driver, "File too large")
+    assert len(r.partial) == 300_000
+    settled(seaf)
+    seaf.reset_stats()
+    r = fetch()
+    assert r.ok and r.placed == share[1]
+    assert settled(seaf)["per_file"] == {FILE_PATH: SIZE - 300_000}
+
+
+BIG = "big.bin"
+BIG_SIZE = (3 << 20) + 1  # three of the downloaders' 1 MiB blocks, and a byte
+
+
+@pytest.fixture(scope="module")
+def big(share):
+    data = os.urandom(BIG_SIZE)
+    (share[0] / FOLDER.strip("/") / BIG).write_bytes(data)
+    return data
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs (root only; skipped elsewhere): room for big.bin when its download
+    starts (the free-space check passes), until the test fills it."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+            capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def fill(path):
+    """Write path until the filesystem is full."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as error:
+            assert error.errno == 28  # ENOSPC
+
+
+@pytest.mark.parametrize("driver", sorted(DRIVERS))
+def test_disk_full_is_final_keeps_the_partial_and_the_rerun_resumes(driver, seaf, big,
+                                                                    small_fs):
+    seaf.add_faults([{"match": BIG, "kind": "slow", "delay": 1.0}])  # about 3 s
+    results = []
+    worker = threading.Thread(target=lambda: results.append(
+        DRIVERS[driver](seaf, small_fs, big, size=BIG_SIZE, name=BIG)))
+    worker.start()
+    part = (small_fs / "cache" / "blobs" / (hashlib.sha256(big).hexdigest() + ".partial")
+            if driver == "control" else small_fs / "model" / f".{BIG}.partial")
+    deadline = time.monotonic() + 10
+    while not (part.exists() and part.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    fill(small_fs / "filler")  # something else fills the disk in the middle of the download
+    worker.join(30)
+    r = results[0]
+    assert not r.ok and r.placed is None
+    assert 1 << 20 <= len(r.partial) < BIG_SIZE and r.partial == big[:len(r.partial)]
+    who = "the control cache" if driver == "control" else BIG
+    setting = "weights_cache" if driver == "control" else "install_dir"
+    assert r.error == (
+        f"{who}: No space left on device while writing {part} ({len(r.partial)} of {BIG_SIZE} "
+        f"bytes written); free space under {part.parent} (or set {setting} to a larger "
+        "filesystem) and rerun: the download resumes")
+    assert seaf.stats()["redirects"] == 1  # stopped at once: no retry
+    kept = len(r.partial)
+    (small_fs / "filler").unlink()  # room made: the rerun fetches only the rest
+    settled(seaf)
+    seaf.reset_stats()
+    r = DRIVERS[driver](seaf, small_fs, big, size=BIG_SIZE, name=BIG)
+    assert r.ok and r.placed == big
+    assert settled(seaf)["per_file"] == {FOLDER + BIG: BIG_SIZE - kept}
+
+
+# -- two downloaders of one file at once (a killed deploy's fetcher lives on, a rerun)
+
+def start_first(driver, seaf, share, tmp):
+    """A slow first download (about 2 s) running in the background; returns a join()."""
+    seaf.add_faults([{"match": NAME, "kind": "slow", "delay": 3.0}])
+    lock = (tmp / "cache" / "blobs" / (hashlib.sha256(share[1]).hexdigest() + ".lock")
+            if driver == "control" else tmp / "model" / f".{NAME}.lock")
+    results = []
+    if driver == "control":
+        worker = threading.Thread(target=lambda: results.append(run_control(seaf, tmp, share[1])))
+    else:
+        worker = threading.Thread(target=lambda: results.append(run_host(seaf, tmp, share[1])))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert lock.exists(), "the first download never took its lock"
+    return lambda: (worker.join(30), results[0])[1], lock
+
+
+def test_second_downloader_waits_and_finds_the_file_done(request, seaf, share, tmp_path):
+    for driver in ("control", "host"):
+        tmp = tmp_path / driver
+        tmp.mkdir()
+        settled(seaf)
+        seaf.reset_stats()
+        join, lock = start_first(driver, seaf, share, tmp)
+        second = DRIVERS[driver](seaf, tmp, share[1], lock_wait=20)
+        first = join()
+        assert first.ok and second.ok and first.placed == second.placed == share[1]
+        assert settled(seaf)["per_file"] == {FILE_PATH: SIZE}  # fetched once, not twice
+        assert not lock.exists()  # removed by its last holder
+
+
+def test_second_downloader_gives_up_with_a_clear_error(request, seaf, share, tmp_path):
+    for driver in ("control", "host"):
+        tmp = tmp_path / driver
+        tmp.mkdir()
+        join, lock = start_first(driver, seaf, share, tmp)
+        second = DRIVERS[driver](seaf, tmp, share[1], lock_wait=0.3)
+        first = join()
+        assert first.ok and first.placed == share[1] and not lock.exists()
+        assert not second.ok
+        what = (f"the control cache: {lock.with_suffix('')}" if driver == "control" else NAME)
+        assert re.fullmatch(
+            rf"{re.escape(what)}: another download of it is running \(pid \d+ holds "
+            rf"{re.escape(str(lock))}\); wait for it to end, or stop it, and rerun",
+            second.error), second.error
