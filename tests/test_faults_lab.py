@@ -33,9 +33,10 @@ import pytest
 
 from lab import hosts as labhosts
 from lab import lab as labmod
-from lab.lab import LAB, PORTS
+from lab.lab import LAB
 from tests.test_deploy_lab import totals
-from tests.test_model_lab import (CHECK_WEIGHTS, MODELS, model_dir, said, seafile, weights_ok)
+from tests.test_model_lab import MODELS, model_dir, said, seafile, weights_ok
+from tests.test_model_lab import inventory as model_inventory
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -46,18 +47,9 @@ SHARD = "pytorch_model-00001-of-00002.bin"  # fp16's share holds its files at th
 
 
 def inventory(name: str, hosts: dict) -> Path:
-    """An inventory of the lab's hosts named in hosts, each with the scenario's data on top."""
-    scope = {}
-    exec(LAB.joinpath("inventory.py").read_text(), scope)
-    base = dict(scope["lab"])
-    lines = ["lab = ["]
-    for host, data in hosts.items():
-        merged = {**base[host], "report_dir": str(REPORT), "weights_cache": str(CACHE), **data}
-        lines.append(f"    ({host!r}, {merged!r}),")
-    path = LAB / f"inventory-faults-{name}.py"
-    path.write_text("\n".join(lines + ["]", "from operations.preflight import check_ssh_keys",
-                                        "check_ssh_keys(lab)", ""]))
-    return path
+    """The scenario's inventory: whole deploys reporting to REPORT, caching in CACHE."""
+    return model_inventory(f"faults-{name}", hosts,
+                           {"report_dir": str(REPORT), "weights_cache": str(CACHE)})
 
 
 def snapshots(hosts) -> dict:

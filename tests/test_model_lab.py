@@ -40,18 +40,21 @@ def model_dir(variant, install_dir="/opt/chatglm"):
     return f"{install_dir}/models/{MODELS[variant]}"
 
 
-def inventory(name: str, hosts: dict) -> Path:
-    """An inventory of the lab's hosts named in hosts, each with the scenario's data on top."""
+def inventory(name: str, hosts: dict, defaults: dict | None = None) -> Path:
+    """An inventory of the lab's hosts named in hosts: the lab's connection data, then
+    defaults (this file's: the model stages, no smoke test), then the scenario's data."""
     scope = {}
     exec(labmod.LAB.joinpath("inventory.py").read_text(), scope)
     base = dict(scope["lab"])
+    if defaults is None:
+        defaults = {"stages": STAGES, "smoke_test": False,
+                    "report_dir": str(LAB / "reports-model-tests")}
     lines = ["lab = ["]
     for host, data in hosts.items():
-        merged = {**base[host], "stages": STAGES, "smoke_test": False,
-                  "report_dir": str(LAB / "reports-model-tests"), **data}
-        lines.append(f"    ({host!r}, {merged!r}),")
+        lines.append(f"    ({host!r}, {({**base[host], **defaults, **data})!r}),")
     path = LAB / f"inventory-{name}.py"
-    path.write_text("\n".join(lines + ["]", ""]))
+    path.write_text("\n".join(lines + ["]", "from operations.preflight import check_ssh_keys",
+                                        "check_ssh_keys(lab)", ""]))
     return path
 
 

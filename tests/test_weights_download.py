@@ -298,14 +298,20 @@ def partial_path(driver, tmp, data):
 def check_disk_error(r, seaf, share, tmp, driver, strerror):
     data = share[1]
     part = partial_path(driver, tmp, data)
+    assert_disk_error(r, seaf, driver, part, NAME, data, strerror, least=1)
+
+
+def assert_disk_error(r, seaf, driver, part, name, data, strerror, least):
+    """A disk error stopped the download at once, kept what was written (at least `least`
+    bytes, a prefix of data) and said where, how much, and which setting frees it."""
     assert not r.ok and r.placed is None
-    assert 0 < len(r.partial) < SIZE and r.partial == data[:len(r.partial)]
-    who = "the control cache" if driver == "control" else NAME
+    assert least <= len(r.partial) < len(data) and r.partial == data[:len(r.partial)]
+    who = "the control cache" if driver == "control" else name
     setting = "weights_cache" if driver == "control" else "install_dir"
     assert r.error == (
-        f"{who}: {strerror} while writing {part} ({len(r.partial)} of {SIZE} bytes written); "
-        f"free space under {part.parent} (or set {setting} to a larger filesystem) and rerun: "
-        "the download resumes")
+        f"{who}: {strerror} while writing {part} ({len(r.partial)} of {len(data)} bytes "
+        f"written); free space under {part.parent} (or set {setting} to a larger filesystem) "
+        "and rerun: the download resumes")
     assert seaf.stats()["redirects"] == 1  # stopped at once: no retry
 
 
@@ -375,15 +381,7 @@ def test_disk_full_is_final_keeps_the_partial_and_the_rerun_resumes(driver, seaf
     fill(small_fs / "filler")  # something else fills the disk in the middle of the download
     worker.join(30)
     r = results[0]
-    assert not r.ok and r.placed is None
-    assert 1 << 20 <= len(r.partial) < BIG_SIZE and r.partial == big[:len(r.partial)]
-    who = "the control cache" if driver == "control" else BIG
-    setting = "weights_cache" if driver == "control" else "install_dir"
-    assert r.error == (
-        f"{who}: No space left on device while writing {part} ({len(r.partial)} of {BIG_SIZE} "
-        f"bytes written); free space under {part.parent} (or set {setting} to a larger "
-        "filesystem) and rerun: the download resumes")
-    assert seaf.stats()["redirects"] == 1  # stopped at once: no retry
+    assert_disk_error(r, seaf, driver, part, BIG, big, "No space left on device", least=1 << 20)
     kept = len(r.partial)
     (small_fs / "filler").unlink()  # room made: the rerun fetches only the rest
     settled(seaf)
