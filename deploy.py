@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pyinfra import host, inventory, logger, state
 
-from operations import cuda_libs, gpu, gpu_kernels, kernel, model, preflight, pyenv, pyplan, smoke, system
+from operations import cuda_libs, factcache, gpu, gpu_kernels, kernel, model, preflight, pyenv, pyplan, smoke, system
 from operations.common import register_deploy_file, ssh_nodelay
 from operations.report import FleetReport
 from operations.settings import ROOT, is_commit, settings_for, source_for
@@ -22,6 +22,7 @@ from operations.system import HostResources
 # Every host's data is validated on the first pass, before any host's facts are read.
 if not getattr(state, "chatglm_checked", False):
     ssh_nodelay(state)
+    factcache.install(state)
     register_deploy_file(inspect.currentframe().f_code.co_filename)
     smoke_hosts = 0
     for each in inventory:
@@ -40,6 +41,8 @@ if not getattr(state, "chatglm_checked", False):
 
 s = settings_for(host)
 stages = s.stage_list
+if s.batch_facts:  # the facts this host read last run, in one command
+    state.chatglm_facts.prefetch(state, host, factcache.plan_path(s.weights_cache, host))
 os_ident = system.check_supported()
 
 # GPU detection and the resolver run for every host before any change.
@@ -119,3 +122,6 @@ if "model" in stages:
                   revision=src["model_revision"], device=device)
         smoke.fetch(name="Smoke: fetch result", s=s,
                     local_dir=str(state.chatglm_report.report_dir / "hosts"))
+
+# Facts served from the prefetch are read live once this host's first command runs.
+state.chatglm_facts.watch(state, host)

@@ -81,6 +81,10 @@ Smoke test and report:
     smoke_test=True           run a chat on every host, bring the figures back
     smoke_max_new_tokens=64   cap per answer (0 = the model's own default)
     report_dir="reports"      where fleet.md and hosts/<host>.json are written
+
+Run:
+    batch_facts=True          read the facts a host read last time in one SSH command
+                              (operations/factcache.py; list kept in weights_cache/fact-plans)
 """
 
 _defaults = {

@@ -12,7 +12,7 @@ from pyinfra import host
 from pyinfra.api import FactBase, StringCommand, operation
 from pyinfra.api.command import QuoteString
 from pyinfra.facts.deb import DebPackages
-from pyinfra.operations import apt, files, server
+from pyinfra.operations import apt, files
 
 from .common import fail
 from .resolver import resolve, version_tuple
@@ -32,8 +32,9 @@ class NvidiaPciDevices(FactBase):
     """NVIDIA display/3D controllers on the PCI bus, read from sysfs (needs no lspci)."""
 
     def command(self):
-        return ("for d in /sys/bus/pci/devices/*; do "
-                f"[ \"$(cat $d/vendor 2>/dev/null)\" = {NVIDIA_VENDOR} ] || continue; "
+        # One grep over all vendor files, then a look at the NVIDIA ones only.
+        return (f"for v in $(grep -lx {NVIDIA_VENDOR} /sys/bus/pci/devices/*/vendor 2>/dev/null); do "
+                "d=${v%/vendor}; "
                 "case \"$(cat $d/class)\" in 0x03*) echo \"${d##*/} $(cat $d/device)\";; esac; "
                 "done; true")
 
@@ -432,6 +433,8 @@ def module(plan: dict, allow_reboot: bool):
     problem = (f"the loaded kernel module is {loaded}" if loaded else "no nvidia kernel module is loaded")
     if allow_reboot:
         host.noop(f"{problem}, driver libraries are {userspace}: rebooting")
+        from pyinfra.operations import server  # ~70 ms of imports, for this rare path only
+
         yield from server.reboot._inner(delay=5, reboot_timeout=600)
         return
     if not loaded:

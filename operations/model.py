@@ -11,7 +11,6 @@ import shutil
 import threading
 from pathlib import Path
 
-import requests
 
 from pyinfra import host
 from pyinfra.api import (FactBase, FileUploadCommand, FunctionCommand,
@@ -20,7 +19,6 @@ from pyinfra.api.command import QuoteString
 from pyinfra.operations import files as files_ops
 
 from .common import fail
-from . import seafile
 from .settings import ROOT, SettingError, Settings, is_commit, load_toml
 from .system import FreeDiskBytes
 
@@ -53,15 +51,25 @@ class LfsFiles(FactBase):
     """
 
     def command(self, path):
+        # A fixed number of processes whatever the number of files (a 16-shard repo
+        # costs what a 2-file one does): the LFS paths from check-attr, their blob ids
+        # from ls-tree, all pointers through one cat-file; per file only a stat.
         return (
             f"cd {path} 2>/dev/null || exit 0; "
-            "git ls-files -z | xargs -0 -r git check-attr filter -- | "
-            "sed -n 's/: filter: lfs$//p' | while read -r f; do "
-            "  oid=$(git show \"HEAD:$f\" | sed -n 's/^oid sha256://p'); "
-            "  size=$(git show \"HEAD:$f\" | sed -n 's/^size //p'); "
-            "  actual=$(stat -c %s \"$f\" 2>/dev/null || echo -1); "
-            f"  verified=$(cat \"{STAMPS}/$f\" 2>/dev/null || echo -); "
-            "  echo \"$f $oid $size $actual $verified\"; "
+            "{ git ls-tree -r -z --name-only HEAD | git check-attr --stdin -z filter | tr '\\0' '\\n'; "
+            "echo @@; git -c core.quotePath=false ls-tree -r HEAD; } 2>/dev/null | "
+            "awk '/^@@$/ { tree = 1; next } "
+            "!tree { f[n++] = $0; if (n == 3) { if (f[2] == \"lfs\") lfs[f[0]] = 1; n = 0 } next } "
+            "{ tab = index($0, \"\\t\"); p = substr($0, tab + 1); split(substr($0, 1, tab - 1), m, \" \"); "
+            "if (p in lfs) print m[3], p }' | "
+            "git cat-file --batch='@@ %(rest)' | "
+            "awk '/^@@ / { if (p != \"\" && oid != \"\") print oid, size, p; p = substr($0, 4); oid = \"\"; next } "
+            "/^oid sha256:/ { oid = substr($2, 8) } /^size [0-9]+$/ { size = $2 } "
+            "END { if (p != \"\" && oid != \"\") print oid, size, p }' | "
+            "while read -r oid size f; do "
+            "  actual=$(stat -c %s -- \"$f\" 2>/dev/null || echo -1); verified=-; "
+            f"  [ -f \"{STAMPS}/$f\" ] && read -r verified < \"{STAMPS}/$f\"; "
+            "  echo \"$f $oid $size $actual ${verified:--}\"; "
             "done"
         )
 
@@ -280,13 +288,18 @@ _locks: dict[str, threading.Lock] = {}
 
 
 def fetch_to_cache(state, host, cache: Path, share: str, share_path: str, name: str, oid: str,
-                   size: int, attempts: int = seafile.ATTEMPTS) -> bool:
+                   size: int, attempts: int | None = None) -> bool:
     """Download one weight file into the control cache once, however many hosts need it.
 
     The cache is content-addressed (blobs/<sha256>) and a blob gets its name only once
     verified, so a blob present is never downloaded again. Returns False (failing only
     this host) when the share cannot deliver the file.
     """
+    import requests  # (with seafile) only when a download runs: a no-op run skips ~50 ms of imports
+
+    from . import seafile
+
+    attempts = attempts or seafile.ATTEMPTS
     target = cache / "blobs" / oid
     lock = _locks.setdefault(oid, threading.Lock())  # gevent's, under pyinfra's CLI
     try:

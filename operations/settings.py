@@ -85,6 +85,7 @@ class Settings:
     cuda_repo_url: str = "https://developer.download.nvidia.com/compute/cuda/repos"
     allow_reboot: bool = False
     smoke_test: bool = True
+    batch_facts: bool = True
     smoke_max_new_tokens: int = 64
     report_dir: str = "reports"
 

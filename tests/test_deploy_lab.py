@@ -53,6 +53,50 @@ def test_first_deploy_then_rerun_changes_nothing(lab):
         second.stdout[-3000:]
 
 
+def commands_per_host(output: str) -> dict:
+    """SSH commands pyinfra ran per host (its --debug log)."""
+    counts = {}
+    for name in re.findall(r"Running command on (h\d+):", output):
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_rerun_reads_facts_in_one_command_and_live_after_a_change(lab):
+    """operations/factcache.py: a converged host costs one SSH command; once a command
+    runs on a host, the facts read after it are live (a stale read would lose the new
+    smoke result)."""
+    converge = lab.deploy(*LIMIT)
+    assert converge.returncode == 0, converge.stdout[-4000:]
+    quiet = lab.deploy(*LIMIT, "--debug")
+    assert quiet.returncode == 0, quiet.stdout[-4000:]
+    assert commands_per_host(quiet.stdout) == {"h1": 1, "h2": 1}, quiet.stdout[-3000:]
+    t = totals(quiet.stdout)
+    assert t["success"] == 0 and t["no_change"] == t["hosts"]
+
+    # h2's smoke result goes: the smoke test runs again, and the fetch after it must
+    # see the new result.json (the prefetched read said it was missing).
+    lab.ssh("h2", "rm /opt/chatglm/smoke/result.json")
+    local = ROOT / "reports" / "hosts" / "h2.json"
+    local.unlink()
+    changed = lab.deploy(*LIMIT, "--debug")
+    assert changed.returncode == 0, changed.stdout[-4000:]
+    counts = commands_per_host(changed.stdout)
+    assert counts["h1"] == 1 and counts["h2"] > 2, counts
+    assert json.loads(local.read_text())["ok"]
+    assert totals(changed.stdout)["success"] >= 1, changed.stdout[-3000:]
+
+    # A list naming facts that no longer exist is skipped, not fatal.
+    from lab.lab import LAB
+    plans = list((LAB / "control-cache" / "fact-plans").glob("h1-*.json"))
+    assert plans
+    for plan in plans:
+        plan.write_text('[["operations.gone", "Nothing", {}], ["operations.model", "GitHead", {"bad": 1}]]')
+    again = lab.deploy(*LIMIT, "--debug")
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert totals(again.stdout)["success"] == 0
+    assert commands_per_host(lab.deploy(*LIMIT, "--debug").stdout) == {"h1": 1, "h2": 1}
+
+
 def test_dry_run_on_a_fresh_host_changes_nothing(lab):
     before = lab.ssh("h3", "ls /opt 2>/dev/null; dpkg -l | wc -l").stdout
     dry = lab.deploy("--limit", "h3", "--dry", "--diff")
