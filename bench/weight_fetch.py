@@ -156,6 +156,8 @@ def main():
                     order = ["curl", *who_all]
                     shuffle(order)
                     for who in order:
+                        # Each run starts with no writeback of another one's pending.
+                        subprocess.run(["sync"])
                         if who == "curl":
                             # the same file through the same redirect, written to disk.
                             t = time.perf_counter()

@@ -48,7 +48,11 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-BLOCK = 1 << 20  # bytes of a read from the network, of a write and of a hash update
+BLOCK = 1 << 20  # bytes of a read from the network and of a hash update
+# Written in 256 KiB pieces: on Linux 6.x a 1 MiB write into the page cache asks for large
+# folios, and where memory must be compacted for them one 2 GiB download spent 2-5 s more
+# in the kernel (measured: 2 GiB in 1 MiB writes 2.0-5.1 s, in 256 KiB writes 0.44-0.94 s).
+WRITE = 256 << 10
 DEPTH = 4  # buffers in flight between the downloading thread and the hashing thread
 # A broken connection loses at most the bytes of one read (http.client returns a short
 # read at a close; a reset in the middle of a read drops what that read had).
@@ -262,7 +266,7 @@ class _Partial:
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             done = 0
             while done < len(block):
-                written = os.write(self.fd, block[done:])
+                written = os.write(self.fd, block[done:done + WRITE])
                 self.have += written
                 done += written
         except OSError as error:
