@@ -169,8 +169,10 @@ for variant in $VARIANTS; do
   grep -E "noop:|ERROR|Error|Fleet report" "$LOGS/$variant-deploy.log" | sed 's/\x1b\[[0-9;]*m//g' | tail -40
   sed -n '/--> Results:/,$p' "$LOGS/$variant-deploy.log"
   section "deploy $variant again: no changes expected where it passed"
-  pyinfra -y "$INVENTORY" deploy.py "${RUN[@]}" > "$LOGS/$variant-rerun.log" 2>&1
-  echo "rc=$?"; sed -n '/--> Results:/,/Grand total/p' "$LOGS/$variant-rerun.log"
+  start=$(date +%s%N)
+  pyinfra -y --debug "$INVENTORY" deploy.py "${RUN[@]}" > "$LOGS/$variant-rerun.log" 2>&1
+  echo "rc=$? in $(( ($(date +%s%N) - start) / 1000000 )) ms; shell commands run: $(grep -c 'Running command on' "$LOGS/$variant-rerun.log") (operations/factcache.py: 1 where nothing changed)"
+  sed -n '/--> Results:/,/Grand total/p' "$LOGS/$variant-rerun.log"
   [ -f "$REPORTS/h100-$variant/fleet.json" ] && PARTS+=("$variant=$REPORTS/h100-$variant")
 done
 
