@@ -8,13 +8,12 @@ stage by stage across all hosts. Every host's settings are checked before any
 operation runs, so bad inventory data stops the run with nothing touched.
 """
 
-import inspect
 from pathlib import Path
 
 from pyinfra import host, inventory, logger, state
 
 from operations import cuda_libs, factcache, gpu, gpu_kernels, kernel, model, preflight, pyenv, pyplan, smoke, system
-from operations.common import register_deploy_file, ssh_nodelay
+from operations.common import quick_operation_order, ssh_nodelay
 from operations.report import FleetReport
 from operations.settings import ROOT, is_commit, settings_for, source_for
 from operations.system import HostResources
@@ -23,7 +22,7 @@ from operations.system import HostResources
 if not getattr(state, "chatglm_checked", False):
     ssh_nodelay(state)
     factcache.install(state)
-    register_deploy_file(inspect.currentframe().f_code.co_filename)
+    quick_operation_order()
     smoke_hosts = 0
     for each in inventory:
         each_settings = settings_for(each)

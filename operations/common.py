@@ -1,10 +1,10 @@
 """Small pieces shared by the stages."""
 
-import os
+import inspect
+import itertools
 import shlex
 import socket
 import sys
-import types
 
 from pyinfra.api import BaseStateCallback, StringCommand
 
@@ -46,17 +46,40 @@ def ssh_nodelay(state) -> None:
     state.add_callback_handler(_NoDelay())
 
 
-def register_deploy_file(filename: str) -> None:
-    """Make the deploy file known to inspect as a module's file.
+def _stack(context: int = 1) -> list[tuple]:
+    """inspect.stack() as pyinfra uses it ([(frame, ...)], innermost first), without
+    reading a line of source per frame."""
+    frame, frames = sys._getframe(1), []
+    while frame is not None:
+        frames.append((frame,))
+        frame = frame.f_back
+    return frames
 
-    pyinfra orders operations by walking the call stack (inspect.stack) at every operation
-    call. inspect looks each frame's file up among the loaded modules, and for a file that
-    is no module (deploy.py, which pyinfra runs with exec) it rescans all of sys.modules
-    every time: ~17 ms per host of this deploy's collection, measured on 16 hosts. A module
-    entry naming the file ends the rescans; nothing imports it.
+
+def _frame_info(frame, context: int = 1) -> inspect.Traceback:
+    """inspect.getframeinfo(frame) without source context: the same file name, line (the
+    first line of the running instruction's position, as inspect reports it) and function."""
+    code = frame.f_code
+    line = frame.f_lineno
+    if frame.f_lasti >= 0:
+        position = next(itertools.islice(code.co_positions(), frame.f_lasti // 2, None), None)
+        if position and position[0] is not None:
+            line = position[0]
+    return inspect.Traceback(code.co_filename, line, code.co_name, None, None)
+
+
+def quick_operation_order() -> None:
+    """Let pyinfra order operations without reading source files.
+
+    At every operation call pyinfra walks the call stack (inspect.stack, then getframeinfo
+    per frame) for the line numbers that order the operation. Both read source context
+    lines for every frame, and for a file that is no module (deploy.py, run with exec)
+    inspect rescans sys.modules each time: ~3 ms per operation and host, most of the
+    control machine's CPU in a no-op run. pyinfra uses only each frame's file name and line
+    number; these give the same values from the frames themselves. Applied only where
+    pyinfra.api.util takes both names from inspect, as the pyinfra this was measured on.
     """
-    name = "_chatglm_deploy_file"
-    if name not in sys.modules:
-        module = types.ModuleType(name, "stands for deploy.py in inspect's file -> module map")
-        module.__file__ = os.path.abspath(filename)
-        sys.modules[name] = module
+    from pyinfra.api import util
+
+    if getattr(util, "stack", None) is inspect.stack and getattr(util, "getframeinfo", None) is inspect.getframeinfo:
+        util.stack, util.getframeinfo = _stack, _frame_info

@@ -12,14 +12,16 @@ trips per host, most of its time. This module makes it one:
 - a fact read is served from that output while the host is as it was when it was read:
   until the first command of this run executes on the host (a command yielded by any
   operation, including the one reading the fact). After that, and for any fact not in the
-  list, or whose command failed, or that has preconditions or a command of its own
-  shell, the fact is read live exactly as pyinfra does.
+  list, or whose command failed or was missing, or that has preconditions or a shell of
+  its own, the fact is read live exactly as pyinfra does; a fact read live twice before
+  any change is read once.
 
 So a host where nothing changes costs one fact command; a host where something changes
 reads the facts after the change live. The list is only a hint: a stale or missing list
 costs speed, never correctness. `batch_facts=False` in the inventory turns it off.
 """
 
+import copy
 import hashlib
 import importlib
 import json
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import pyinfra.api.host as pyinfra_host
 from pyinfra.api import BaseStateCallback, FactBase, StringCommand
+from pyinfra.api.facts import _MISSING_COMMAND_MARKER as MISSING_COMMAND_MARKER
 from pyinfra.api.facts import ShortFactBase
 
 _read_live = pyinfra_host.get_fact
@@ -78,16 +81,25 @@ def _call(attribute, kwargs):
 
 
 def _batchable(cls, kwargs) -> bool:
-    """Facts pyinfra reads in a way of their own (a required command, another shell,
-    preconditions, derived from another fact) are left to pyinfra."""
+    """Facts pyinfra reads in a way of its own (another shell, preconditions, derived from
+    another fact) are left to pyinfra."""
     if not (isinstance(cls, type) and issubclass(cls, FactBase)) or issubclass(cls, ShortFactBase):
         return False
-    if cls is Batch or cls.shell_executable or cls.check_preconditions is not FactBase.check_preconditions:
-        return False
-    try:
-        return not _call(cls().requires_command, kwargs)
-    except TypeError:
-        return False
+    return not (cls is Batch or cls.shell_executable
+                or cls.check_preconditions is not FactBase.check_preconditions)
+
+
+def _batch_command(cls, kwargs):
+    """The fact's command as pyinfra runs it: behind `command -v` of the command it
+    requires, printing pyinfra's marker when that is missing (then the read is left to
+    pyinfra, which reports it its way)."""
+    fact = cls()
+    command = _call(fact.command, kwargs)
+    required = _call(fact.requires_command, kwargs)
+    if not required:
+        return command
+    return StringCommand("if", "command", "-v", required, ">/dev/null", "2>&1;", "then", "(",
+                         command, "\n);", "else", "echo", f"'{MISSING_COMMAND_MARKER}';", "fi")
 
 
 def _split(lines: list[str], nonce: str, count: int) -> dict[int, tuple[int, list[str]]]:
@@ -111,6 +123,7 @@ class FactCache(BaseStateCallback):
         self.output = {}  # host name -> {key: stdout lines}
         self.read = {}    # host name -> {key: [module, name, kwargs]} in order of first read
         self.plans = {}   # host name -> Path of its fact list
+        self.live = {}    # host name -> {key: value} read live while the host was unchanged
         self.dirty = set()
 
     # -- reading -------------------------------------------------------------------------
@@ -122,15 +135,22 @@ class FactCache(BaseStateCallback):
             return _read_live(state, host, cls, args=args, kwargs=kwargs, **more)
         self.read.setdefault(host.name, {}).setdefault(
             key, [cls.__module__, cls.__qualname__, kwargs])
+        clean = host.name not in self.dirty and not _op_overrides(host)
         lines = self.output.get(host.name, {}).get(key)
-        if lines is not None and host.name not in self.dirty and not _op_overrides(host):
+        if clean and lines is not None and lines != [MISSING_COMMAND_MARKER]:
             fact = cls()
             try:
                 _call(fact.command, kwargs)  # some facts keep their arguments for process()
                 return fact.process(lines) if lines else fact.default()
             except Exception:  # pyinfra's own read reports a fact it cannot process
                 pass
-        return _read_live(state, host, cls, args=args, kwargs=kwargs)
+        read = self.live.setdefault(host.name, {})
+        if clean and key in read:
+            return copy.deepcopy(read[key])
+        value = _read_live(state, host, cls, args=args, kwargs=kwargs)
+        if clean and host not in state.failed_hosts:
+            read[key] = copy.deepcopy(value)  # the same fact read again before any change
+        return value
 
     def prefetch(self, state, host, plan: Path) -> int:
         """Run the facts this host read last time in one command; returns how many."""
@@ -146,7 +166,7 @@ class FactCache(BaseStateCallback):
             if key is None or key in keys:
                 continue
             try:
-                command = _call(cls().command, kwargs)
+                command = _batch_command(cls, kwargs)
             except Exception:  # a fact whose signature changed since the list was written
                 continue
             keys.append(key)

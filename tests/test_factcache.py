@@ -60,12 +60,38 @@ def test_failing_fact_keeps_its_status_and_markers_in_output_do_not_split():
     assert got[2][0] == 0 and len(got[2][1]) == 2
 
 
+class NeedsMissing(FactBase):
+    def requires_command(self):
+        return "no-such-command-chatglm"
+
+    def command(self):
+        return "echo never"
+
+
+class NeedsSh(FactBase):
+    def requires_command(self):
+        return "sh"
+
+    def command(self):
+        return "echo present"
+
+
+def test_a_fact_whose_command_is_missing_gets_pyinfras_marker():
+    nonce = "@@chatglm-fact-test"
+    commands = [factcache._batch_command(NeedsMissing, {}), factcache._batch_command(NeedsSh, {})]
+    out = subprocess.run(["sh", "-c", factcache.Batch().command(commands, nonce).get_raw_value()],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    got = factcache._split(out, nonce, 2)
+    assert got[0] == (0, [factcache.MISSING_COMMAND_MARKER])  # left to pyinfra's own read
+    assert got[1] == (0, ["present"])
+
+
 def test_facts_pyinfra_reads_its_own_way_are_not_batched():
-    from pyinfra.facts.apk import ApkPackages  # requires_command "apk"
+    from pyinfra.facts.apk import ApkPackages  # requires_command "apk": batched behind it
     from pyinfra.facts.hardware import Ipv4Addrs  # a ShortFactBase
     assert factcache._batchable(File, {"path": "/x"})
     assert factcache._batchable(HostResources, {})
-    assert not factcache._batchable(ApkPackages, {})
+    assert factcache._batchable(ApkPackages, {})
     assert not factcache._batchable(Ipv4Addrs, {})
     assert not factcache._batchable(factcache.Batch, {"commands": [], "nonce": "n"})
 
