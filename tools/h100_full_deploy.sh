@@ -169,10 +169,14 @@ for variant in $VARIANTS; do
   grep -E "noop:|ERROR|Error|Fleet report" "$LOGS/$variant-deploy.log" | sed 's/\x1b\[[0-9;]*m//g' | tail -40
   sed -n '/--> Results:/,$p' "$LOGS/$variant-deploy.log"
   section "deploy $variant again: no changes expected where it passed"
-  start=$(date +%s%N)
-  pyinfra -y --debug "$INVENTORY" deploy.py "${RUN[@]}" > "$LOGS/$variant-rerun.log" 2>&1
-  echo "rc=$? in $(( ($(date +%s%N) - start) / 1000000 )) ms; shell commands run: $(grep -c 'Running command on' "$LOGS/$variant-rerun.log") (operations/factcache.py: 1 where nothing changed)"
-  sed -n '/--> Results:/,/Grand total/p' "$LOGS/$variant-rerun.log"
+  # Twice: the first rerun may read facts the first run never asked for (a file it had
+  # to create was not hashed then), the second has them all in its list.
+  for pass in 1 2; do
+    start=$(date +%s%N)
+    pyinfra -y --debug "$INVENTORY" deploy.py "${RUN[@]}" > "$LOGS/$variant-rerun$pass.log" 2>&1
+    echo "rerun $pass: rc=$? in $(( ($(date +%s%N) - start) / 1000000 )) ms; shell commands run: $(grep -c 'Running command on' "$LOGS/$variant-rerun$pass.log") (operations/factcache.py: 1 where nothing changed and the list is complete)"
+    sed -n '/--> Results:/,/Grand total/p' "$LOGS/$variant-rerun$pass.log" | tail -1
+  done
   [ -f "$REPORTS/h100-$variant/fleet.json" ] && PARTS+=("$variant=$REPORTS/h100-$variant")
 done
 
