@@ -39,17 +39,25 @@ _read_live = pyinfra_host.get_fact
 _IMPORTABLE = ("operations.", "pyinfra.facts.")
 
 
-class Batch(FactBase):
-    """The output of many fact commands, run one after another in one shell: a list of
-    [exit status, stdout lines] per command. Each starts after a marker line of a
-    per-run nonce, so a fact's own output cannot be mistaken for a boundary."""
+def batch_command(commands: list, nonce: str) -> StringCommand:
+    """Many fact commands in one shell, one after another: each after a marker line of a
+    per-run nonce (so a fact's own output cannot be mistaken for a boundary), its exit
+    status after it. `_split` cuts the output back into (status, stdout lines) per command."""
+    bits = []
+    for i, command in enumerate(commands):
+        bits += ["echo", f"{nonce}-{i};", "(", command, "\n)", "</dev/null", "2>/dev/null;",
+                 "echo", f"{nonce}-rc", "$?;"]
+    return StringCommand(*bits, "true")
 
-    def command(self, commands, nonce):
-        bits = []
-        for i, command in enumerate(commands):
-            bits += ["echo", f"{nonce}-{i};", "(", command, "\n)", "</dev/null", "2>/dev/null;",
-                     "echo", f"{nonce}-rc", "$?;"]
-        return StringCommand(*bits, "true")
+
+class Batch(FactBase):
+    """The raw output of the commands `prefetch` queued under nonce (passed by reference,
+    so pyinfra's log line names the count, not every command)."""
+
+    queued: dict = {}
+
+    def command(self, facts, nonce):
+        return batch_command(self.queued[nonce], nonce)
 
     @staticmethod
     def default():
@@ -174,7 +182,11 @@ class FactCache(BaseStateCallback):
         if not commands:
             return 0
         nonce = f"@@chatglm-fact-{secrets.token_hex(8)}"
-        lines = _read_live(state, host, Batch, kwargs={"commands": commands, "nonce": nonce})
+        Batch.queued[nonce] = commands
+        try:
+            lines = _read_live(state, host, Batch, kwargs={"facts": len(commands), "nonce": nonce})
+        finally:
+            del Batch.queued[nonce]
         store = self.output.setdefault(host.name, {})
         for i, (status, body) in _split(lines, nonce, len(keys)).items():
             if status == 0:  # a failing fact is read live, so pyinfra reports it as usual

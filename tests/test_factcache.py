@@ -29,7 +29,7 @@ class LooksLikeMarker(FactBase):
 def run_batch(facts):
     nonce = "@@chatglm-fact-test"
     commands = [factcache._call(cls().command, kwargs) for cls, kwargs in facts]
-    command = factcache.Batch().command(commands, nonce)
+    command = factcache.batch_command(commands, nonce)
     out = subprocess.run(["sh", "-c", command.get_raw_value()], capture_output=True, text=True,
                          check=True).stdout.splitlines()
     return factcache._split(out, nonce, len(facts))
@@ -79,7 +79,7 @@ class NeedsSh(FactBase):
 def test_a_fact_whose_command_is_missing_gets_pyinfras_marker():
     nonce = "@@chatglm-fact-test"
     commands = [factcache._batch_command(NeedsMissing, {}), factcache._batch_command(NeedsSh, {})]
-    out = subprocess.run(["sh", "-c", factcache.Batch().command(commands, nonce).get_raw_value()],
+    out = subprocess.run(["sh", "-c", factcache.batch_command(commands, nonce).get_raw_value()],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     got = factcache._split(out, nonce, 2)
     assert got[0] == (0, [factcache.MISSING_COMMAND_MARKER])  # left to pyinfra's own read
@@ -93,7 +93,7 @@ def test_facts_pyinfra_reads_its_own_way_are_not_batched():
     assert factcache._batchable(HostResources, {})
     assert factcache._batchable(ApkPackages, {})
     assert not factcache._batchable(Ipv4Addrs, {})
-    assert not factcache._batchable(factcache.Batch, {"commands": [], "nonce": "n"})
+    assert not factcache._batchable(factcache.Batch, {"facts": 0, "nonce": "n"})
 
 
 def test_plan_names_differ_per_address_and_keys_are_stable(tmp_path):
