@@ -29,19 +29,16 @@ Spec keys:
 
 import json
 import subprocess
-from contextlib import ExitStack
-from io import StringIO
 from pathlib import Path
 from types import SimpleNamespace
-from unittest import mock
 
 import pytest
-from pyinfra.api.command import FileUploadCommand, FunctionCommand, StringCommand
 from pyinfra.context import ctx_host, ctx_state
 
 from operations import common, cuda_libs, gpu
 from operations.resolver import resolve
 from operations.settings import SettingError, settings_for
+from tests.spec_harness import FakeDataHost, FakeHost, check_spec, run_op
 
 SPECS = Path(__file__).resolve().parent / "specs" / "gpu"
 SPEC_FILES = sorted(SPECS.glob("*.json"))
@@ -56,69 +53,6 @@ GPUS = {
     "L4": {"name": "NVIDIA L4", "memory_mib": 23034, "compute_cap": "8.9"},
     "T4": {"name": "Tesla T4", "memory_mib": 15360, "compute_cap": "7.5"},
 }
-# Facts whose real values are not JSON types.
-CONVERT = {"deb.DebPackages": lambda v: {k: set(vs) for k, vs in v.items()}}
-
-
-class FakeData(dict):
-    pass
-
-
-class FailCommand(StringCommand):
-    """What operations.common.fail returns, with the message kept for the spec."""
-
-    def __init__(self, message):
-        super().__init__(*common.fail(message).bits)
-        self.message = message
-
-
-class FakeHost:
-    """Just enough of pyinfra.api.host.Host for the operations under test."""
-
-    def __init__(self, name, facts, state):
-        self.name = name
-        self.data = FakeData()
-        self.state = state
-        self.facts = facts
-        self.asked = []
-        self.noops = []
-        self.current_op_global_arguments = {}
-        self.in_op = False
-
-    def get_fact(self, cls, *args, **kwargs):
-        if args:
-            pytest.fail(f"fact {cls.__name__} asked with positional arguments {args}")
-        key = fact_key(cls, kwargs)
-        self.asked.append(key)
-        if key not in self.facts:
-            pytest.fail(f"unexpected fact request: {key!r} (the spec's facts: {sorted(self.facts)})")
-        value = self.facts[key]
-        return CONVERT.get(key.split("(")[0], lambda v: v)(value)
-
-    def noop(self, description):
-        self.noops.append(description)
-
-    def log(self, *args, **kwargs):
-        pass
-
-    def get_temp_filename(self, hash_key=None, hash_filename=True, *args, **kwargs):
-        return "/tmp/pyinfra-spec-temp"
-
-
-class FakeDataHost:
-    """What settings_for reads: a name and a data mapping."""
-
-    def __init__(self, name, data):
-        self.name = name
-        self.data = data
-
-
-def fact_key(cls, kwargs) -> str:
-    name = f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
-    if kwargs:
-        name += "(" + ", ".join(f"{k}={v}" for k, v in sorted(kwargs.items())) + ")"
-    return name
-
 
 def build_plan(spec_plan: dict) -> dict:
     if "resolve" not in spec_plan:
@@ -143,54 +77,15 @@ def build_args(spec: dict) -> dict:
     return args
 
 
-def render(command):
-    if isinstance(command, str):
-        return command.strip()  # as pyinfra's operation wrapper does
-    if isinstance(command, FailCommand):
-        return {"fail": command.message}
-    if isinstance(command, StringCommand):
-        return command.get_raw_value()
-    if isinstance(command, FileUploadCommand):
-        src = command.src
-        content = src.getvalue() if isinstance(src, StringIO) else Path(src).read_text()
-        return {"upload": command.dest, "content": content}
-    if isinstance(command, FunctionCommand):
-        return {"function": command.function.__name__}
-    return {"unknown": repr(command)}
-
-
-def matches(expected, actual) -> bool:
-    if isinstance(expected, dict) and isinstance(actual, dict):
-        # An upload spec may leave its content out.
-        return all(actual.get(k) == v for k, v in expected.items())
-    return expected == actual
-
 
 def run_spec(spec: dict):
-    module_name, op_name = spec["op"].split(".")
-    op = getattr(MODULES[module_name], op_name)
     args = build_args(spec)
     for key, value in spec.get("plan_expect", {}).items():
         assert args["plan"].get(key) == value, f"resolved plan[{key!r}] = {args['plan'].get(key)!r}"
-    config = SimpleNamespace(DIFF=False, TEMP_DIR="/tmp", SUDO=False)
-    state = SimpleNamespace(is_executing=spec.get("executing", False), config=config,
-                            cwd=str(Path(__file__).resolve().parent.parent))
-    fake = FakeHost(HOST, spec.get("facts", {}), state)
-    commands, error = [], None
-    with ExitStack() as stack:
-        for module in MODULES.values():
-            if hasattr(module, "fail"):
-                stack.enter_context(mock.patch.object(module, "fail", FailCommand))
-        stack.enter_context(ctx_state.use(state))
-        stack.enter_context(ctx_host.use(fake))
-        try:
-            for command in op._inner(**args):
-                commands.append(render(command))
-        except Exception as exc:  # noqa: BLE001 - the spec says which
-            if "raises" not in spec:
-                raise
-            error = exc
-    return commands, fake, error
+    module_name, op_name = spec["op"].split(".")
+    return run_op(getattr(MODULES[module_name], op_name), args, HOST, spec.get("facts", {}),
+                  executing=spec.get("executing", False), fail_in=MODULES.values(),
+                  catch="raises" in spec)
 
 
 def _param(path: Path):
@@ -202,27 +97,7 @@ def _param(path: Path):
 @pytest.mark.parametrize("path", [_param(p) for p in SPEC_FILES])
 def test_spec(path):
     spec = json.loads(path.read_text())
-    commands, fake, error = run_spec(spec)
-    if "raises" in spec:
-        fails = [c for c in commands if isinstance(c, dict) and "fail" in c]
-        if error is None and fails:
-            assert commands[-1] is fails[-1], f"commands after fail(): {commands}"
-            error = fails[-1]["fail"]
-        assert error is not None, f"expected a failure, got commands {commands}, noops {fake.noops}"
-        wanted = spec["raises"] if isinstance(spec["raises"], list) else [spec["raises"]]
-        for text in wanted:
-            assert text in str(error), f"{text!r} not in the error: {error}"
-        return
-    if spec.get("noop"):
-        assert commands == [], f"expected a noop, got {commands}"
-        assert fake.noops, "no host.noop() for an operation that changes nothing"
-        if isinstance(spec["noop"], str):
-            assert any(spec["noop"] in n for n in fake.noops), fake.noops
-        return
-    expected = spec["commands"]
-    assert len(commands) == len(expected) and all(map(matches, expected, commands)), (
-        "commands differ:\n  got      " + json.dumps(commands, indent=1)
-        + "\n  expected " + json.dumps(expected, indent=1))
+    check_spec(spec, *run_spec(spec))
 
 
 def _gpu_plan(facts: dict, os_id: str = "ubuntu-24.04", **data) -> dict:

@@ -1,27 +1,26 @@
 """Spec tests for the model and kernel operations (operations/model.py, operations/kernel.py).
 
-As in tests/test_gpu_specs.py: each operation's generator runs against a fake host whose
-facts the test gives, and the commands it yields are compared; nothing connects anywhere.
+As in tests/test_gpu_specs.py, through tests/spec_harness.py: each operation's generator
+runs against a fake host whose facts the test gives, and the commands it yields are
+compared; nothing connects anywhere.
 The lab tests (tests/test_model_lab.py) run the same operations for real.
 """
 
 import os
 import subprocess
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 from pyinfra.api.command import FileUploadCommand
-from pyinfra.context import ctx_host, ctx_state
 
 from operations import kernel, model
 from operations.settings import SettingError, mirror_url, settings_for, source_for
 from tests import quantization_variants
-from tests.test_gpu_specs import FailCommand, FakeDataHost, FakeHost
-from tests.test_gpu_specs import render as render_spec
+from tests.spec_harness import FakeDataHost, FakeHost, run_op
+from tests.spec_harness import render as render_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "model-test"
@@ -51,15 +50,8 @@ def render(command):
 
 def run(op, facts=None, executing=False, **args):
     """(commands, fake host) of op._inner(**args); fail() is rendered as {"fail": message}."""
-    config = SimpleNamespace(DIFF=False, TEMP_DIR="/tmp", SUDO=False)
-    state = SimpleNamespace(is_executing=executing, config=config, cwd=str(ROOT), inventory=None)
-    fake = Host(HOST, facts or {}, state)
-    with ExitStack() as stack:
-        for module in (model, kernel):
-            stack.enter_context(mock.patch.object(module, "fail", FailCommand))
-        stack.enter_context(ctx_state.use(state))
-        stack.enter_context(ctx_host.use(fake))
-        commands = [render(c) for c in op._inner(**args)]
+    commands, fake, _ = run_op(op, args, HOST, facts or {}, executing=executing,
+                               fail_in=(model, kernel), fake_class=Host, render=render)
     return commands, fake
 
 

@@ -18,19 +18,15 @@ Spec keys (beyond those of test_gpu_specs):
 
 import hashlib
 import json
-from contextlib import ExitStack
 from pathlib import Path
-from types import SimpleNamespace
-from unittest import mock
 
 import pytest
-from pyinfra.context import ctx_host, ctx_state
 
 from operations import pyenv
 from operations.pyplan import lock_path, python_plan, read_lock
 from operations.settings import settings_for
-from tests.test_gpu_specs import (HOST, FailCommand, FakeDataHost, FakeHost, build_plan, matches,
-                                  render)
+from tests.spec_harness import FakeDataHost, check_spec, run_op
+from tests.test_gpu_specs import HOST, build_plan
 
 SPECS = Path(__file__).resolve().parent / "specs" / "pyenv"
 SPEC_FILES = sorted(SPECS.glob("*.json"))
@@ -57,53 +53,18 @@ def expand(value):
 
 
 def run_spec(spec: dict):
-    op = getattr(pyenv, spec["op"].split(".")[1])
     py = build_py(spec)
     for key, value in spec.get("py_expect", {}).items():
         assert py.get(key) == value, f"python plan[{key!r}] = {py.get(key)!r}"
-    config = SimpleNamespace(DIFF=False, TEMP_DIR="/tmp", SUDO=False)
-    state = SimpleNamespace(is_executing=spec.get("executing", False), config=config,
-                            cwd=str(Path(__file__).resolve().parent.parent))
-    fake = FakeHost(HOST, {k: expand(v) for k, v in spec.get("facts", {}).items()}, state)
-    commands, error = [], None
-    with ExitStack() as stack:
-        stack.enter_context(mock.patch.object(pyenv, "fail", FailCommand))
-        stack.enter_context(ctx_state.use(state))
-        stack.enter_context(ctx_host.use(fake))
-        try:
-            for command in op._inner(py=py):
-                commands.append(render(command))
-        except Exception as exc:  # noqa: BLE001 - the spec says which
-            if "raises" not in spec:
-                raise
-            error = exc
-    return commands, fake, error
+    facts = {k: expand(v) for k, v in spec.get("facts", {}).items()}
+    return run_op(getattr(pyenv, spec["op"].split(".")[1]), {"py": py}, HOST, facts,
+                  executing=spec.get("executing", False), fail_in=[pyenv], catch="raises" in spec)
 
 
 @pytest.mark.parametrize("path", SPEC_FILES, ids=[p.stem for p in SPEC_FILES])
 def test_spec(path):
     spec = json.loads(path.read_text())
-    commands, fake, error = run_spec(spec)
-    if "raises" in spec:
-        fails = [c for c in commands if isinstance(c, dict) and "fail" in c]
-        if error is None and fails:
-            assert commands[-1] is fails[-1], f"commands after fail(): {commands}"
-            error = fails[-1]["fail"]
-        assert error is not None, f"expected a failure, got commands {commands}, noops {fake.noops}"
-        wanted = spec["raises"] if isinstance(spec["raises"], list) else [spec["raises"]]
-        for text in wanted:
-            assert text in str(error), f"{text!r} not in the error: {error}"
-        return
-    if spec.get("noop"):
-        assert commands == [], f"expected a noop, got {commands}"
-        assert fake.noops, "no host.noop() for an operation that changes nothing"
-        if isinstance(spec["noop"], str):
-            assert any(spec["noop"] in n for n in fake.noops), fake.noops
-        return
-    expected = spec["commands"]
-    assert len(commands) == len(expected) and all(map(matches, expected, commands)), (
-        "commands differ:\n  got      " + json.dumps(commands, indent=1, ensure_ascii=False)
-        + "\n  expected " + json.dumps(expected, indent=1, ensure_ascii=False))
+    check_spec(spec, *run_spec(spec))
 
 
 def test_every_operation_has_specs():
