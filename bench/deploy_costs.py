@@ -20,36 +20,13 @@ import json
 import os
 import re
 import statistics
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("CHATGLM_LAB_DIR", str(ROOT / ".lab-bench"))
-os.environ.setdefault("CHATGLM_LAB_PORT_OFFSET", "900")
-sys.path.insert(0, str(ROOT))
+from labrun import ROOT, own_lab, prepare, pyinfra
 
-from lab import lab  # noqa: E402
+lab = own_lab(".lab-bench", 900)
 
-PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 LIGHT = {"stages": "system,model,kernel"}
 RUNS = 5
-
-
-def pyinfra(inventory, *args, env=None, cpu=False):
-    """(wall seconds, output) of one run; with cpu=True also the control process's CPU
-    seconds (user + system)."""
-    before = os.times()
-    t = time.perf_counter()
-    proc = subprocess.run([PYINFRA, "-y", str(inventory), *args], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    elapsed = time.perf_counter() - t
-    after = os.times()
-    if proc.returncode != 0:
-        raise SystemExit(f"pyinfra {' '.join(args)} failed:\n{proc.stdout[-3000:]}")
-    used = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-    return (elapsed, proc.stdout, used) if cpu else (elapsed, proc.stdout)
 
 
 def commands_per_host(inventory, hosts):
@@ -57,15 +34,6 @@ def commands_per_host(inventory, hosts):
     out = pyinfra(inventory, "deploy.py", *limit(hosts), "--debug")[1]
     counts = [len(re.findall(rf"Running command on {h}:", out)) for h in hosts]
     return statistics.median(counts)
-
-
-def prepare(inventory, *args):
-    """A preparation deploy (not measured): a rerun converges if a host hiccuped."""
-    try:
-        pyinfra(inventory, *args)
-    except SystemExit as first:
-        print(f"preparation failed once, rerunning: {str(first)[-300:]}", flush=True)
-        pyinfra(inventory, *args)
 
 
 def limit(hosts):

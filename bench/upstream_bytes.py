@@ -14,22 +14,14 @@ Results: bench/results/upstream_bytes.{json,md}.
 
 import argparse
 import json
-import os
 import runpy
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("CHATGLM_LAB_DIR", str(ROOT / ".lab-upstream"))
-os.environ.setdefault("CHATGLM_LAB_PORT_OFFSET", "700")
-sys.path.insert(0, str(ROOT))
+from labrun import ROOT, own_lab, prepare, pyinfra
 
-from lab import lab  # noqa: E402
+lab = own_lab(".lab-upstream", 700)
 
-PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 VARIANT = "int4"
 MODEL = "chatglm-6b-int4"
 STAGES = "system,model,kernel"
@@ -45,7 +37,7 @@ def stats(method="GET") -> dict:
 def write_inventory(base: Path, name: str, hosts: list[str], data: dict) -> Path:
     """A copy of the lab's inventory with only `hosts`, each with `data` on top."""
     lab_hosts = dict(runpy.run_path(str(base))["lab"])
-    lines = [f'"""Written by bench/upstream_bytes.py for one measurement (do not edit)."""', "",
+    lines = ['"""Written by bench/upstream_bytes.py for one measurement (do not edit)."""', "",
              "lab = ["]
     for host in hosts:
         lines.append(f"    ({host!r}, {({**lab_hosts[host], **data})!r}),")
@@ -53,15 +45,6 @@ def write_inventory(base: Path, name: str, hosts: list[str], data: dict) -> Path
     path = lab.LAB / f"inventory-{name}.py"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def deploy(inventory: Path) -> float:
-    t = time.perf_counter()
-    proc = subprocess.run([PYINFRA, "-y", str(inventory), "deploy.py"], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"pyinfra {inventory.name} failed:\n{proc.stdout[-3000:]}")
-    return time.perf_counter() - t
 
 
 def main():
@@ -78,11 +61,7 @@ def main():
         prep = write_inventory(base, "prepare", names, {
             "stages": STAGES, "install_dir": "/opt/chatglm-prepare",
             "weights_cache": str(lab.LAB / "cache-prepare")})
-        try:
-            deploy(prep)
-        except SystemExit as first:  # a rerun converges if a host hiccuped
-            print(f"preparation failed once, rerunning: {str(first)[-300:]}", flush=True)
-            deploy(prep)
+        prepare(prep, "deploy.py")
         for mode in ("control", "direct"):
             for n in counts:
                 tag = f"{mode}-{n}"
@@ -91,7 +70,7 @@ def main():
                     "install_dir": f"/opt/chatglm-{tag}",  # fresh: nothing fetched yet
                     "weights_cache": str(lab.LAB / f"cache-{tag}")})  # fresh, empty
                 stats("DELETE")
-                seconds = deploy(inventory)
+                seconds = pyinfra(inventory, "deploy.py")[0]
                 got = stats()
                 row = {"mode": mode, "hosts": n, "bytes_served": got["bytes_sent"],
                        "x_model": round(got["bytes_sent"] / model_bytes, 3),
