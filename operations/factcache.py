@@ -88,7 +88,7 @@ def _call(attribute, kwargs):
     return attribute(**kwargs) if callable(attribute) else attribute
 
 
-def _batchable(cls, kwargs) -> bool:
+def _batchable(cls) -> bool:
     """Facts pyinfra reads in a way of its own (another shell, preconditions, derived from
     another fact) are left to pyinfra."""
     if not (isinstance(cls, type) and issubclass(cls, FactBase)) or issubclass(cls, ShortFactBase):
@@ -97,7 +97,7 @@ def _batchable(cls, kwargs) -> bool:
                 or cls.check_preconditions is not FactBase.check_preconditions)
 
 
-def _batch_command(cls, kwargs):
+def _fact_command(cls, kwargs):
     """The fact's command as pyinfra runs it: behind `command -v` of the command it
     requires, printing pyinfra's marker when that is missing (then the read is left to
     pyinfra, which reports it its way)."""
@@ -111,14 +111,15 @@ def _batch_command(cls, kwargs):
 
 
 def _split(lines: list[str], nonce: str, count: int) -> dict[int, tuple[int, list[str]]]:
+    status_mark, start_mark = f"{nonce}-rc ", f"{nonce}-"
     out, current, body = {}, None, []
     for line in lines:
-        if line.startswith(f"{nonce}-rc "):
+        if line.startswith(status_mark):
             if current is not None:
                 out[current] = (int(line.split()[1]), body)
             current, body = None, []
-        elif line.startswith(f"{nonce}-") and line[len(nonce) + 1:].isdigit():
-            current, body = int(line[len(nonce) + 1:]), []
+        elif line.startswith(start_mark) and line[len(start_mark):].isdigit():
+            current, body = int(line[len(start_mark):]), []
         elif current is not None:
             body.append(line)
     return {i: v for i, v in out.items() if i < count}
@@ -138,7 +139,7 @@ class FactCache(BaseStateCallback):
 
     def get_fact(self, state, host, cls, args=None, kwargs=None, **more):
         kwargs = kwargs or {}
-        key = None if (args or more or not _batchable(cls, kwargs)) else _key(cls, kwargs)
+        key = None if (args or more or not _batchable(cls)) else _key(cls, kwargs)
         if key is None or host.name not in self.plans:
             return _read_live(state, host, cls, args=args, kwargs=kwargs, **more)
         self.read.setdefault(host.name, {}).setdefault(
@@ -170,11 +171,11 @@ class FactCache(BaseStateCallback):
         keys, commands = [], []
         for module, name, kwargs in listed if isinstance(listed, list) else []:
             cls = _fact_class(module, name)
-            key = _key(cls, kwargs) if cls is not None and _batchable(cls, kwargs) else None
+            key = _key(cls, kwargs) if cls is not None and _batchable(cls) else None
             if key is None or key in keys:
                 continue
             try:
-                command = _batch_command(cls, kwargs)
+                command = _fact_command(cls, kwargs)
             except Exception:  # a fact whose signature changed since the list was written
                 continue
             keys.append(key)

@@ -11,7 +11,6 @@ import shutil
 import threading
 from pathlib import Path
 
-
 from pyinfra import host
 from pyinfra.api import (FactBase, FileUploadCommand, FunctionCommand,
                          StringCommand, operation)
@@ -299,7 +298,8 @@ def fetch_to_cache(state, host, cache: Path, share: str, share_path: str, name: 
 
     from . import seafile
 
-    attempts = attempts or seafile.ATTEMPTS
+    if attempts is None:
+        attempts = seafile.ATTEMPTS
     target = cache / "blobs" / oid
     lock = _locks.setdefault(oid, threading.Lock())  # gevent's, under pyinfra's CLI
     try:

@@ -27,8 +27,9 @@ class LooksLikeMarker(FactBase):
 
 
 def run_batch(facts):
+    """The batch of facts as prefetch builds it, run by sh, cut back per fact."""
     nonce = "@@chatglm-fact-test"
-    commands = [factcache._call(cls().command, kwargs) for cls, kwargs in facts]
+    commands = [factcache._fact_command(cls, kwargs) for cls, kwargs in facts]
     command = factcache.batch_command(commands, nonce)
     out = subprocess.run(["sh", "-c", command.get_raw_value()], capture_output=True, text=True,
                          check=True).stdout.splitlines()
@@ -77,11 +78,7 @@ class NeedsSh(FactBase):
 
 
 def test_a_fact_whose_command_is_missing_gets_pyinfras_marker():
-    nonce = "@@chatglm-fact-test"
-    commands = [factcache._batch_command(NeedsMissing, {}), factcache._batch_command(NeedsSh, {})]
-    out = subprocess.run(["sh", "-c", factcache.batch_command(commands, nonce).get_raw_value()],
-                         capture_output=True, text=True, check=True).stdout.splitlines()
-    got = factcache._split(out, nonce, 2)
+    got = run_batch([(NeedsMissing, {}), (NeedsSh, {})])
     assert got[0] == (0, [factcache.MISSING_COMMAND_MARKER])  # left to pyinfra's own read
     assert got[1] == (0, ["present"])
 
@@ -89,11 +86,11 @@ def test_a_fact_whose_command_is_missing_gets_pyinfras_marker():
 def test_facts_pyinfra_reads_its_own_way_are_not_batched():
     from pyinfra.facts.apk import ApkPackages  # requires_command "apk": batched behind it
     from pyinfra.facts.hardware import Ipv4Addrs  # a ShortFactBase
-    assert factcache._batchable(File, {"path": "/x"})
-    assert factcache._batchable(HostResources, {})
-    assert factcache._batchable(ApkPackages, {})
-    assert not factcache._batchable(Ipv4Addrs, {})
-    assert not factcache._batchable(factcache.Batch, {"facts": 0, "nonce": "n"})
+    assert factcache._batchable(File)
+    assert factcache._batchable(HostResources)
+    assert factcache._batchable(ApkPackages)
+    assert not factcache._batchable(Ipv4Addrs)
+    assert not factcache._batchable(factcache.Batch)
 
 
 def test_plan_names_differ_per_address_and_keys_are_stable(tmp_path):
