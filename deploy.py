@@ -13,7 +13,7 @@ from pathlib import Path
 from pyinfra import host, inventory, logger, state
 
 from operations import cuda_libs, factcache, gpu, gpu_kernels, kernel, model, preflight, pyenv, pyplan, smoke, system
-from operations.common import quick_operation_order, ssh_nodelay
+from operations.common import cached_argument_types, quick_operation_order, ssh_nodelay
 from operations.report import FleetReport
 from operations.settings import ROOT, is_commit, settings_for, source_for
 from operations.system import HostResources
@@ -23,6 +23,7 @@ if not getattr(state, "chatglm_checked", False):
     ssh_nodelay(state)
     factcache.install(state)
     quick_operation_order()
+    cached_argument_types()
     smoke_hosts = 0
     for each in inventory:
         each_settings = settings_for(each)

@@ -83,3 +83,27 @@ def quick_operation_order() -> None:
 
     if getattr(util, "stack", None) is inspect.stack and getattr(util, "getframeinfo", None) is inspect.getframeinfo:
         util.stack, util.getframeinfo = _stack, _frame_info
+
+
+def cached_argument_types() -> None:
+    """Let pyinfra look up the types of its global arguments once per run.
+
+    pyinfra.api.arguments.all_global_arguments evaluates the type hints of its argument
+    classes (typing.get_type_hints) at every operation call and every fact read: ~0.4 ms
+    each, ~16 times per host in a no-op run. The classes do not change during a run.
+    Applied only where the function is pyinfra's own, as in the pyinfra this was measured on.
+    """
+    from pyinfra.api import arguments, facts
+
+    original = arguments.all_global_arguments
+    if getattr(original, "chatglm_cached", False) or original.__module__ != arguments.__name__:
+        return
+    types = original()
+
+    def all_global_arguments():
+        return list(types)
+
+    all_global_arguments.chatglm_cached = True
+    arguments.all_global_arguments = all_global_arguments
+    if getattr(facts, "all_global_arguments", None) is original:
+        facts.all_global_arguments = all_global_arguments

@@ -42,12 +42,14 @@ _IMPORTABLE = ("operations.", "pyinfra.facts.")
 def batch_command(commands: list, nonce: str) -> StringCommand:
     """Many fact commands in one shell, one after another: each after a marker line of a
     per-run nonce (so a fact's own output cannot be mistaken for a boundary), its exit
-    status after it. `_split` cuts the output back into (status, stdout lines) per command."""
-    bits = []
+    status after it. `_split` cuts the output back into (status, stdout lines) per command.
+    The output is sent in one piece at the end: as each command wrote it, it took dozens
+    of SSH packets, each encrypted by the host and decrypted by the control machine."""
+    bits = ["out=$("]
     for i, command in enumerate(commands):
         bits += ["echo", f"{nonce}-{i};", "(", command, "\n)", "</dev/null", "2>/dev/null;",
                  "echo", f"{nonce}-rc", "$?;"]
-    return StringCommand(*bits, "true")
+    return StringCommand(*bits, "true);", "printf", "'%s\\n'", '"$out"')
 
 
 class Batch(FactBase):

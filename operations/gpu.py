@@ -32,11 +32,12 @@ class NvidiaPciDevices(FactBase):
     """NVIDIA display/3D controllers on the PCI bus, read from sysfs (needs no lspci)."""
 
     def command(self):
-        # One grep over all vendor files, then a look at the NVIDIA ones only.
-        return (f"for v in $(grep -lx {NVIDIA_VENDOR} /sys/bus/pci/devices/*/vendor 2>/dev/null); do "
-                "d=${v%/vendor}; "
-                "case \"$(cat $d/class)\" in 0x03*) echo \"${d##*/} $(cat $d/device)\";; esac; "
-                "done; true")
+        # Read by the shell itself, no process: this runs on every host at every run.
+        return ("for d in /sys/bus/pci/devices/*; do "
+                "{ read -r v < \"$d/vendor\" && "
+                f"[ \"$v\" = {NVIDIA_VENDOR} ] && read -r c < \"$d/class\" && "
+                "read -r i < \"$d/device\"; } 2>/dev/null || continue; "
+                "case $c in 0x03*) echo \"${d##*/} $i\";; esac; done; true")
 
     @staticmethod
     def default():
@@ -95,7 +96,11 @@ class DriverLibraries(FactBase):
 
     def command(self):
         dirs = " ".join(LIB_DIRS)
-        return ("{ ldconfig -p 2>/dev/null | sed -n 's/.*libcuda\\.so\\.1 .*=> //p'; "
+        # A host with no libcuda in the known directories nor in the ld.so cache (every
+        # CPU host) costs one grep instead of ldconfig, sed, readlink and sort.
+        return (f"found=; for d in {dirs}; do [ -e $d/libcuda.so.1 ] && found=1; done; "
+                "[ -n \"$found\" ] || grep -qs 'libcuda\\.so\\.1' /etc/ld.so.cache || exit 0; "
+                "{ ldconfig -p 2>/dev/null | sed -n 's/.*libcuda\\.so\\.1 .*=> //p'; "
                 f"for d in {dirs}; do [ -e $d/libcuda.so.1 ] && echo $d/libcuda.so.1; done; }} "
                 "| while read -r p; do echo \"$p $(readlink -f $p)\"; done | sort -u")
 

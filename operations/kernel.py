@@ -8,6 +8,7 @@ modules cache, so a path relative to the file would point at the wrong place.
 
 import base64
 import re
+import shlex
 from io import StringIO
 
 from pyinfra import host
@@ -28,9 +29,9 @@ class KernelState(FactBase):
     """sha256 of a kernel source, and the source sha256 the built .so was made from."""
 
     def command(self, source, built):
-        return (f"src=$(sha256sum {source} 2>/dev/null | cut -d' ' -f1); "
-                f"so=$( [ -f {built} ] && cat {built}.{STAMP.lstrip('.')} 2>/dev/null ); "
-                "echo \"${src:--} ${so:--}\"")
+        return (f"set -- $(sha256sum {source} 2>/dev/null); "
+                f"so=; [ -f {built} ] && {{ read -r so < {built}.{STAMP.lstrip('.')}; }} 2>/dev/null; "
+                "echo \"${1:--} ${so:--}\"")
 
     @staticmethod
     def default():
@@ -56,6 +57,44 @@ class FileText(FactBase):
         if output == ["__MISSING__"]:
             return None
         return base64.b64decode("".join(output)).decode()
+
+
+class PatchLines(FactBase):
+    """The lines of a file that the patch reads or writes (the load_cpu_kernel call and
+    our mark), as [(line number, text)]; None when the file does not exist. Lets a run
+    see that quantization.py is patched without fetching the whole file."""
+
+    def command(self, path):
+        return (f"[ -f {path} ] || {{ echo __MISSING__; exit 0; }}; "
+                f"grep -nF -e {shlex.quote(CALL)} -e {shlex.quote(MARK)} {path}; true")
+
+    @staticmethod
+    def default():
+        return None
+
+    def process(self, output):
+        if output == ["__MISSING__"]:
+            return None
+        lines = []
+        for line in output:
+            number, _, text = line.partition(":")
+            lines.append((int(number), text))
+        return lines
+
+
+def is_patched(lines: list, kernel: str) -> bool:
+    """Whether patched() would leave a file with these PatchLines unchanged: every call
+    line has our exact line right above it, and no mark line stands anywhere else."""
+    text = dict(lines)
+    calls = [n for n, line in lines if CALL_RE.match(line)]
+    marks = {n for n, line in lines if MARK in line}
+    if not calls or marks != {n - 1 for n in calls}:
+        return False
+    for n in calls:
+        indent = text[n][: len(text[n]) - len(text[n].lstrip())]
+        if text[n - 1] != f'{indent}kwargs.setdefault("kernel_file", {kernel!r})  {MARK}':
+            return False
+    return True
 
 
 def kernel_source(model_dir: str, cpus: int = 0) -> str:
@@ -129,7 +168,11 @@ def patch_quantization(model_dir: str, cpus: int = 0):
     """
     path = f"{model_dir}/quantization.py"
     kernel = kernel_source(model_dir, cpus)[:-2] + ".so"
-    text = host.get_fact(FileText, path=path)
+    lines = host.get_fact(PatchLines, path=path)
+    if lines and is_patched(lines, kernel):
+        host.noop(f"{path} already loads {kernel}")
+        return
+    text = host.get_fact(FileText, path=path) if lines is not None else None
     if text is None:
         if host.state.is_executing:
             yield fail(f"{path} is missing from the model checkout")

@@ -32,7 +32,12 @@ class GitHead(FactBase):
     """The commit checked out in a repo, or '' when it is not a git checkout."""
 
     def command(self, path):
-        return f"git -C {path} rev-parse HEAD 2>/dev/null || true"
+        # A detached HEAD (what clone leaves) is read by the shell itself; git only for a
+        # branch or anything else.
+        return (f"head=; {{ read -r head < {path}/.git/HEAD; }} 2>/dev/null; "
+                "case $head in ''|*[!0-9a-f]*) "
+                f"git -C {path} rev-parse HEAD 2>/dev/null || true;; "
+                "*) echo $head;; esac")
 
     @staticmethod
     def default():
@@ -50,11 +55,17 @@ class LfsFiles(FactBase):
     """
 
     def command(self, path):
-        # A fixed number of processes whatever the number of files (a 16-shard repo
-        # costs what a 2-file one does): the LFS paths from check-attr, their blob ids
-        # from ls-tree, all pointers through one cat-file; per file only a stat.
+        # The pointers of HEAD come from the list the weights operation indexed for that
+        # commit (read by the shell itself), else from git: the LFS paths from check-attr,
+        # their blob ids from ls-tree, all pointers through one cat-file. Then one stat for
+        # all the files, and their stamps read by the shell.
         return (
             f"cd {path} 2>/dev/null || exit 0; "
+            "head=; { read -r head < .git/HEAD; } 2>/dev/null; "
+            f"case $head in ''|*[!0-9a-f]*) index=;; *) index={STAMPS}/.pointers-$head;; esac; "
+            "if [ -n \"$index\" ] && [ -f \"$index\" ]; then "
+            "while read -r oid size f; do printf '%s\\n' \"$oid $size $f\"; done < \"$index\"; "
+            "else "
             "{ git ls-tree -r -z --name-only HEAD | git check-attr --stdin -z filter | tr '\\0' '\\n'; "
             "echo @@; git -c core.quotePath=false ls-tree -r HEAD; } 2>/dev/null | "
             "awk '/^@@$/ { tree = 1; next } "
@@ -64,12 +75,12 @@ class LfsFiles(FactBase):
             "git cat-file --batch='@@ %(rest)' | "
             "awk '/^@@ / { if (p != \"\" && oid != \"\") print oid, size, p; p = substr($0, 4); oid = \"\"; next } "
             "/^oid sha256:/ { oid = substr($2, 8) } /^size [0-9]+$/ { size = $2 } "
-            "END { if (p != \"\" && oid != \"\") print oid, size, p }' | "
-            "while read -r oid size f; do "
-            "  actual=$(stat -c %s -- \"$f\" 2>/dev/null || echo -1); verified=-; "
-            f"  [ -f \"{STAMPS}/$f\" ] && read -r verified < \"{STAMPS}/$f\"; "
-            "  echo \"$f $oid $size $actual ${verified:--}\"; "
-            "done"
+            "END { if (p != \"\" && oid != \"\") print oid, size, p }'; "
+            "fi | { set --; "
+            "while read -r oid size f; do printf 'P %s\\n' \"$oid $size $f\"; set -- \"$@\" \"$f\"; done; "
+            "[ $# -gt 0 ] && stat -c 'S %s %n' -- \"$@\" 2>/dev/null; "
+            f"for f in \"$@\"; do v=; {{ read -r v < \"{STAMPS}/$f\"; }} 2>/dev/null; "
+            "printf 'V %s\\n' \"${v:--} $f\"; done; true; }"
         )
 
     @staticmethod
@@ -77,12 +88,38 @@ class LfsFiles(FactBase):
         return {}
 
     def process(self, output):
-        files = {}
+        pointers, actual, verified = [], {}, {}
         for line in output:
-            name, oid, size, actual, verified = line.rsplit(" ", 4)
-            files[name] = {"oid": oid, "size": int(size), "actual": int(actual),
-                           "verified": verified}
-        return files
+            kind, _, rest = line.partition(" ")
+            if kind == "P":
+                oid, size, name = rest.split(" ", 2)
+                pointers.append((name, oid, int(size)))
+            elif kind == "S":
+                size, name = rest.split(" ", 1)
+                actual[name] = int(size)
+            elif kind == "V":
+                stamp, name = rest.split(" ", 1)
+                verified[name] = stamp
+        return {name: {"oid": oid, "size": size, "actual": actual.get(name, -1),
+                       "verified": verified.get(name, "-")} for name, oid, size in pointers}
+
+
+class PointerIndex(FactBase):
+    """The commit a checkout is at and whether LfsFiles' list of its pointers is kept:
+    {"head": sha, "indexed": bool}; head is '' when HEAD is not a detached commit."""
+
+    def command(self, path):
+        return (f"head=; {{ read -r head < {path}/.git/HEAD; }} 2>/dev/null; "
+                "case $head in ''|*[!0-9a-f]*) exit 0;; esac; "
+                f"[ -f {path}/{STAMPS}/.pointers-$head ] && echo $head indexed || echo $head")
+
+    @staticmethod
+    def default():
+        return {"head": "", "indexed": False}
+
+    def process(self, output):
+        words = output[0].split() if output else []
+        return {"head": words[0] if words else "", "indexed": len(words) > 1}
 
 
 class RemoteRefs(FactBase):
@@ -257,7 +294,7 @@ def check_resources(s: Settings, variant: str, model_dir: str):
         weights, basis = sum(todo.values()), "the LFS pointers"
     else:
         todo, weights, basis = None, need["disk_gb"] * GB, "data/models.toml"
-    free = host.get_fact(FreeDiskBytes, path=model_dir)
+    free = host.get_fact(FreeDiskBytes, path=model_dir) if weights else 0  # verified: no df
     if free < weights:
         problems.append(f"the weights need {weights / GB:.2f} GB ({basis}) under {model_dir}, "
                         f"{free / GB:.2f} GB are free")
@@ -336,6 +373,17 @@ def _stamp_in_place(model_dir: str, names: dict) -> StringCommand:
     return StringCommand("sh", "-c", QuoteString("; ".join(lines) + "; true"))
 
 
+def _index_pointers(model_dir: str, head: str, files: dict) -> StringCommand:
+    """Keep the LFS pointers of commit head (oid, size, name per line) where LfsFiles reads
+    them; written whole or not at all."""
+    index = f"{model_dir}/{STAMPS}/.pointers-{head}"
+    lines = "".join(f"{f['oid']} {f['size']} {name}\n" for name, f in sorted(files.items()))
+    script = (f"mkdir -p {shlex.quote(f'{model_dir}/{STAMPS}')} && "
+              f"printf %s {shlex.quote(lines)} > {shlex.quote(index + '.tmp')} && "
+              f"mv -f {shlex.quote(index + '.tmp')} {shlex.quote(index)}")
+    return StringCommand("sh", "-c", QuoteString(script))
+
+
 @operation()
 def weights(s: Settings, model_dir: str, share: str, share_path: str, mirror: str = ""):
     """
@@ -358,9 +406,14 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str, mirror: st
             return
         host.noop(f"weights are listed once {model_dir} is cloned")
         return
+    index = host.get_fact(PointerIndex, path=model_dir)
+    unindexed = bool(index["head"]) and not index["indexed"]
+    if unindexed:  # later runs read this list instead of asking git for it
+        yield _index_pointers(model_dir, index["head"], files)
     todo = {n: f for n, f in files.items() if not _verified(f)}
     if not todo:
-        host.noop(f"{len(files)} weight files verified in {model_dir}")
+        if not unindexed:
+            host.noop(f"{len(files)} weight files verified in {model_dir}")
         return
 
     need = sum(f["size"] for f in todo.values() if f["actual"] != f["size"])

@@ -8,12 +8,15 @@ import socket
 import subprocess
 from pathlib import Path
 
+from gevent.lock import Semaphore
+
 from .settings import SettingError
 
 # Answers of upload-pack (git daemon, GitHub, Hugging Face) for a commit the remote lacks.
 UNKNOWN_COMMIT = ("not our ref", "couldn't find remote ref", "no such remote ref",
                   "unadvertised object", "not a valid object", "bad object")
 _known: dict[tuple[str, str], str] = {}
+_locks: dict[tuple[str, str], Semaphore] = {}
 
 
 def check_ssh_keys(*groups) -> None:
@@ -37,8 +40,41 @@ def check_revision(host_name: str, setting: str, url: str, revision: str, cache:
     host's clone reports it then); raises SettingError when the remote answers it lacks it.
     """
     key = (url, revision)
-    if key in _known:
+    with _lock(key):  # hosts are collected in parallel: one check per commit, not per host
+        if key not in _known:
+            _known[key] = _check(host_name, setting, url, revision, cache)
         return _known[key]
+
+
+def _lock(key) -> Semaphore:
+    return _locks.setdefault(key, Semaphore())
+
+
+def _confirmed(cache: Path) -> Path:
+    """Where the (url, commit) pairs already found on their remotes are listed, so that a
+    later run asks neither the remote nor git."""
+    return cache / "revisions.confirmed"
+
+
+def _check(host_name: str, setting: str, url: str, revision: str, cache: Path) -> str:
+    confirmed = _confirmed(cache)
+    line = f"{revision} {url}"
+    try:
+        if line in confirmed.read_text().splitlines():
+            return ""
+    except OSError:
+        pass
+    answer = _ask(host_name, setting, url, revision, cache)
+    if answer == "":
+        try:
+            with confirmed.open("a") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass  # only saves the next run a look
+    return answer
+
+
+def _ask(host_name: str, setting: str, url: str, revision: str, cache: Path) -> str:
     repo = cache / "revisions.git"
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_LFS_SKIP_SMUDGE": "1"}
     if not (repo / "HEAD").exists():
@@ -50,13 +86,11 @@ def check_revision(host_name: str, setting: str, url: str, revision: str, cache:
         except OSError as error:
             problem = [str(error)]
         if problem:
-            _known[key] = (f"could not check {revision[:12]} of {url}: no git repo at {repo} "
-                           f"({problem[0]}); the host's clone checks it")
-            return _known[key]
+            return (f"could not check {revision[:12]} of {url}: no git repo at {repo} "
+                    f"({problem[0]}); the host's clone checks it")
     have = subprocess.run(["git", "-C", str(repo), "cat-file", "-e", f"{revision}^{{commit}}"],
                           capture_output=True, env=env)
     if have.returncode == 0:
-        _known[key] = ""
         return ""
     try:
         fetch = subprocess.run(
@@ -67,16 +101,14 @@ def check_revision(host_name: str, setting: str, url: str, revision: str, cache:
     except subprocess.TimeoutExpired:
         answer, ok = "no answer in 120 s", False
     if ok:
-        _known[key] = ""
         return ""
     if any(mark in answer.lower() for mark in UNKNOWN_COMMIT):
         raise SettingError(host_name, setting, f"= {revision!r}: {url} has no such commit",
                            f"pin a commit the remote has (git ls-remote {url}; "
                            "git log on a clone of it)")
     last = [line for line in answer.splitlines() if line.strip()][-1:] or ["?"]
-    _known[key] = (f"could not ask {url} for {revision[:12]} from this machine "
-                   f"({last[0].strip()}); the host's clone checks it")
-    return _known[key]
+    return (f"could not ask {url} for {revision[:12]} from this machine "
+            f"({last[0].strip()}); the host's clone checks it")
 
 
 def unreachable_reason(host) -> str:

@@ -4,7 +4,6 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import FactBase, operation
-from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt
 
 from .settings import SettingError
@@ -47,7 +46,10 @@ class HostResources(FactBase):
     read once at collection for the stages that need them."""
 
     def command(self):
-        return "nproc; awk '/^MemTotal:/{print $2 * 1024}' /proc/meminfo"
+        # MemTotal read by the shell itself: every process a converged host's facts start
+        # adds to every run.
+        return ("nproc; while read -r key value unit; do "
+                "[ \"$key\" = MemTotal: ] && echo $((value * 1024)) && break; done < /proc/meminfo")
 
     @staticmethod
     def default():
@@ -62,7 +64,7 @@ class FreeDiskBytes(FactBase):
 
     def command(self, path):
         return (f"p={path}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; "
-                "df -B1 --output=avail \"$p\" | tail -1")
+                "df -B1 --output=avail \"$p\"")  # process() takes the last line
 
     @staticmethod
     def default():
@@ -72,11 +74,35 @@ class FreeDiskBytes(FactBase):
         return int(output[-1].strip())
 
 
+class OsRelease(FactBase):
+    """The host's os-release fields ({"ID": "debian", "VERSION_ID": "12", ...}); {} when it
+    has none. Read by the shell itself (pyinfra's LinuxDistribution starts ~8 processes)."""
+
+    def command(self):
+        return ("for f in /etc/os-release /usr/lib/os-release; do [ -r $f ] || continue; "
+                "while IFS= read -r line || [ -n \"$line\" ]; do printf '%s\\n' \"$line\"; "
+                "done < $f; break; done")
+
+    @staticmethod
+    def default():
+        return {}
+
+    def process(self, output):
+        fields = {}
+        for line in output:
+            key, sep, value = line.strip().partition("=")
+            if not sep or key.startswith("#"):
+                continue
+            try:
+                fields[key] = " ".join(shlex.split(value))  # os-release quotes as the shell does
+            except ValueError:
+                fields[key] = value.strip("\"'")
+        return fields
+
+
 def os_id() -> str:
-    distro = host.get_fact(LinuxDistribution)
-    name = (distro.get("release_meta") or {}).get("ID", (distro["name"] or "")).lower()
-    version = (distro.get("release_meta") or {}).get("VERSION_ID", str(distro["major"]))
-    return f"{name}-{version}"
+    release = host.get_fact(OsRelease)
+    return f"{release.get('ID', '').lower()}-{release.get('VERSION_ID', '')}"
 
 
 def check_supported() -> str:

@@ -246,10 +246,13 @@ def test_collection_logs_the_shortage_for_dry_runs():
 
 # --- weights -------------------------------------------------------------------------------
 
-def weights(files, free=100 * GB, executing=True, extra_facts=None, **data):
+INDEXED = {"head": C2, "indexed": True}
+
+
+def weights(files, free=100 * GB, executing=True, extra_facts=None, index=INDEXED, **data):
     s = settings(code_revision=C1, model_revision=C2, **data)
     facts = {f"model.LfsFiles(path={D})": files, f"system.FreeDiskBytes(path={D})": free,
-             **(extra_facts or {})}
+             f"model.PointerIndex(path={D})": index, **(extra_facts or {})}
     return run(model.weights, facts, executing=executing, s=s, model_dir=D, share=SHARE,
                share_path="/chatglm-6b-int4/", mirror="http://m.lan/chatglm-6b-int4/")
 
@@ -257,6 +260,17 @@ def weights(files, free=100 * GB, executing=True, extra_facts=None, **data):
 def test_weights_verified_is_a_noop():
     commands, fake = weights(lfs(1000, OID))
     assert commands == [] and fake.noops == [f"1 weight files verified in {D}"]
+
+
+def test_weights_verified_but_not_indexed_writes_the_index_only():
+    commands, fake = weights(lfs(1000, OID), index={"head": C2, "indexed": False})
+    assert fake.noops == [] and len(commands) == 1
+    index = f"{D}/.chatglm-verified/.pointers-{C2}"
+    assert f"> {index}.tmp && mv -f {index}.tmp {index}" in commands[0]
+    assert f"{OID} 1000 pytorch_model.bin" in commands[0]
+    # A branch checked out (no detached commit): nothing to index, nothing to do.
+    commands, fake = weights(lfs(1000, OID), index={"head": "", "indexed": False})
+    assert commands == [] and fake.noops
 
 
 def test_weights_not_cloned_yet():
@@ -328,22 +342,58 @@ def test_patch_both_upstream_shapes(shape):
     assert other.count(kernel.MARK) == 1 and "_parallel.so" in other
 
 
-def test_patch_operation_and_unknown_file():
-    facts = {"system.CpuCount": 2, f"kernel.FileText(path={Q})": FIXTURE,
-             f"files.File(path={Q})": {"mode": 644}}
+def patch_facts(text, tmp_path):
+    """The facts patch_quantization reads for a quantization.py of this text, PatchLines
+    from its real command (grep) run on a copy."""
+    copy = tmp_path / "quantization.py"
+    copy.write_text(text)
+    command = kernel.PatchLines().command(path=str(copy))
+    out = subprocess.run(["sh", "-c", command], capture_output=True, text=True).stdout
+    return {"system.CpuCount": 2, f"kernel.FileText(path={Q})": text,
+            f"kernel.PatchLines(path={Q})": kernel.PatchLines().process(out.splitlines()),
+            f"files.File(path={Q})": {"mode": 644}}
+
+
+def test_patch_operation_and_unknown_file(tmp_path):
+    facts = patch_facts(FIXTURE, tmp_path)
     with mock.patch.object(kernel.files.put, "_inner", lambda **kw: iter([f"put {kw['dest']}"])):
         commands, _ = run(kernel.patch_quantization, facts, executing=True, model_dir=D)
     assert commands == [f"put {Q}"]
     patched = kernel.patched(FIXTURE, Q, KERNEL)
-    commands, fake = run(kernel.patch_quantization, {**facts, f"kernel.FileText(path={Q})": patched},
-                         model_dir=D)
+    commands, fake = run(kernel.patch_quantization, patch_facts(patched, tmp_path), model_dir=D)
     assert commands == [] and fake.noops == [f"{Q} already loads {KERNEL}"]
+    assert f"kernel.FileText(path={Q})" not in fake.asked  # the grep sufficed
     broken = quantization_variants.no_call(FIXTURE)
-    commands, _ = run(kernel.patch_quantization, {**facts, f"kernel.FileText(path={Q})": broken},
+    commands, _ = run(kernel.patch_quantization, patch_facts(broken, tmp_path),
                       executing=True, model_dir=D)
     message = commands[-1]["fail"]
     assert message.startswith(f"{Q}: the line 'load_cpu_kernel(**kwargs)' (in quantize()) was "
                               "not found")
+
+
+def test_patch_lines_agree_with_the_whole_file(tmp_path):
+    """is_patched (from the grep) says "unchanged" exactly when patched() of the whole file
+    would leave it as it is, whatever was done to the mark line."""
+    final = kernel.patched(FIXTURE, Q, KERNEL)
+    april = kernel.patched(quantization_variants.april(FIXTURE), Q, KERNEL)
+    mark = next(line for line in final.split("\n") if kernel.MARK in line)
+    texts = {
+        "unpatched": FIXTURE, "final": final, "april": april,
+        "other kernel": kernel.patched(FIXTURE, Q, KERNEL.replace(".so", "_parallel.so")),
+        "mark twice": final.replace(mark, mark + "\n" + mark),
+        "mark moved": final.replace(mark + "\n", "", 1).replace("import ", mark + "\nimport ", 1),
+        "mark indented differently": final.replace(mark, "  " + mark),
+        "mark with trailing space": final.replace(mark, mark + " "),
+        "no call": quantization_variants.no_call(FIXTURE),
+    }
+    for name, text in texts.items():
+        lines = patch_facts(text, tmp_path)[f"kernel.PatchLines(path={Q})"]
+        try:
+            unchanged = kernel.patched(text, Q, KERNEL) == text
+        except Exception:
+            unchanged = False
+        assert kernel.is_patched(lines, KERNEL) == unchanged, name
+    assert kernel.is_patched(patch_facts(final, tmp_path)[f"kernel.PatchLines(path={Q})"], KERNEL)
 
 
 def int4_copy(src: Path, work: Path, quantization: str) -> Path:

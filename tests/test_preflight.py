@@ -58,3 +58,30 @@ def test_ssh_keys_are_checked_per_host(tmp_path):
     preflight.check_ssh_keys([("a", {"ssh_key": str(key)}), ("b", {})])
     with pytest.raises(SettingError, match="host 'c': setting 'ssh_key' = .* names no file"):
         preflight.check_ssh_keys([("a", {}), ("c", {"ssh_key": str(tmp_path / "gone")})])
+
+
+def test_hosts_collected_together_check_a_commit_once_and_a_rerun_not_at_all(remote, tmp_path, monkeypatch):
+    """pyinfra collects hosts in parallel greenlets: the first asks git, the others wait for
+    its answer; the confirmed commit is listed, so a later run (a new process) runs no git."""
+    import gevent
+
+    url, old = remote
+    cache = tmp_path / "cache"
+    calls = []
+    real_run = preflight.subprocess.run
+
+    def counting_run(args, **kwargs):
+        calls.append(args)
+        gevent.sleep(0.01)  # as a real subprocess yields to the other greenlets
+        return real_run(args, **kwargs)
+
+    monkeypatch.setattr(preflight.subprocess, "run", counting_run)
+    jobs = [gevent.spawn(preflight.check_revision, f"h{i}", "model_revision", url, old, cache)
+            for i in range(8)]
+    gevent.joinall(jobs)
+    assert [job.value for job in jobs] == [""] * 8
+    assert len(calls) == 3  # init, cat-file, fetch: once for all eight
+    preflight._known.clear()
+    calls.clear()
+    assert preflight.check_revision("h1", "model_revision", url, old, cache) == ""
+    assert calls == []
