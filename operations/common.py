@@ -56,15 +56,24 @@ def _stack(context: int = 1) -> list[tuple]:
     return frames
 
 
+_lines: dict[tuple, int] = {}
+
+
 def _frame_info(frame, context: int = 1) -> inspect.Traceback:
     """inspect.getframeinfo(frame) without source context: the same file name, line (the
     first line of the running instruction's position, as inspect reports it) and function."""
     code = frame.f_code
     line = frame.f_lineno
     if frame.f_lasti >= 0:
-        position = next(itertools.islice(code.co_positions(), frame.f_lasti // 2, None), None)
-        if position and position[0] is not None:
-            line = position[0]
+        # Positions are walked from the start of the code: the answer is kept per
+        # instruction, which every host's pass through deploy.py asks again.
+        key = (code, frame.f_lasti)
+        found = _lines.get(key)
+        if found is None:
+            position = next(itertools.islice(code.co_positions(), frame.f_lasti // 2, None), None)
+            found = _lines[key] = position[0] if position and position[0] is not None else -1
+        if found >= 0:
+            line = found
     return inspect.Traceback(code.co_filename, line, code.co_name, None, None)
 
 

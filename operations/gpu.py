@@ -31,6 +31,8 @@ APT_CACHE_READONLY = ("TMPDIR=$([ -w /dev/shm ] && echo /dev/shm || echo \"${TMP
 class NvidiaPciDevices(FactBase):
     """NVIDIA display/3D controllers on the PCI bus, read from sysfs (needs no lspci)."""
 
+    batch_inline = True  # see operations.factcache._fact_command
+
     def command(self):
         # Read by the shell itself, no process: this runs on every host at every run.
         return ("for d in /sys/bus/pci/devices/*; do "
@@ -53,6 +55,8 @@ class NvidiaSmi(FactBase):
     Returns {"gpus": [...], "driver": str, "error": str, "installed": bool}; error holds
     nvidia-smi's own message when it fails (no kernel module, version mismatch).
     """
+
+    batch_inline = True  # see operations.factcache._fact_command
 
     def command(self):
         return ("if command -v nvidia-smi >/dev/null; then "
@@ -78,6 +82,8 @@ class NvidiaSmi(FactBase):
 class KernelModule(FactBase):
     """Version of the loaded nvidia kernel module, '' when none is loaded."""
 
+    batch_inline = True  # see operations.factcache._fact_command
+
     def command(self):
         return "cat /proc/driver/nvidia/version 2>/dev/null || true"
 
@@ -94,15 +100,17 @@ class DriverLibraries(FactBase):
     """Userspace driver libraries: [{"path": realpath of libcuda.so.1, "version": ...}],
     from the ld.so cache and the directories drivers are known to use."""
 
+    batch_inline = True  # see operations.factcache._fact_command
+
     def command(self):
         dirs = " ".join(LIB_DIRS)
         # A host with no libcuda in the known directories nor in the ld.so cache (every
         # CPU host) costs one grep instead of ldconfig, sed, readlink and sort.
         return (f"found=; for d in {dirs}; do [ -e $d/libcuda.so.1 ] && found=1; done; "
-                "[ -n \"$found\" ] || grep -qs 'libcuda\\.so\\.1' /etc/ld.so.cache || exit 0; "
-                "{ ldconfig -p 2>/dev/null | sed -n 's/.*libcuda\\.so\\.1 .*=> //p'; "
+                "[ -n \"$found\" ] || ! grep -qs 'libcuda\\.so\\.1' /etc/ld.so.cache || found=1; "
+                "[ -z \"$found\" ] || { { ldconfig -p 2>/dev/null | sed -n 's/.*libcuda\\.so\\.1 .*=> //p'; "
                 f"for d in {dirs}; do [ -e $d/libcuda.so.1 ] && echo $d/libcuda.so.1; done; }} "
-                "| while read -r p; do echo \"$p $(readlink -f $p)\"; done | sort -u")
+                "| while read -r p; do echo \"$p $(readlink -f $p)\"; done | sort -u; }")
 
     @staticmethod
     def default():
@@ -145,6 +153,8 @@ class CudaToolkits(FactBase):
     came from apt, a runfile or an image (version.json is not always there).
     """
 
+    batch_inline = True  # see operations.factcache._fact_command
+
     def command(self):
         return ("for d in /usr/local/cuda-[0-9]*.[0-9]*; do "
                 "ls $d/lib64/libcudart.so* $d/targets/*/lib/libcudart.so* >/dev/null 2>&1 && "
@@ -169,6 +179,8 @@ class CudaToolkits(FactBase):
 class AptHolds(FactBase):
     """Packages marked hold (dpkg's selections, which apt-mark hold sets; read from dpkg
     because apt-mark writes scratch files even to show them)."""
+
+    batch_inline = True  # see operations.factcache._fact_command
 
     def command(self):
         return ("dpkg-query -W -f='${db:Status-Want} ${Package}\\n' 2>/dev/null "

@@ -28,10 +28,12 @@ STAMP = ".chatglm-kernel.sha256"
 class KernelState(FactBase):
     """sha256 of a kernel source, and the source sha256 the built .so was made from."""
 
+    batch_inline = True  # see operations.factcache._fact_command
+
     def command(self, source, built):
-        return (f"set -- $(sha256sum {source} 2>/dev/null); "
+        return (f"src=$(sha256sum {source} 2>/dev/null); src=${{src%% *}}; "
                 f"so=; [ -f {built} ] && {{ read -r so < {built}.{STAMP.lstrip('.')}; }} 2>/dev/null; "
-                "echo \"${1:--} ${so:--}\"")
+                "echo \"${src:--} ${so:--}\"")
 
     @staticmethod
     def default():
@@ -44,6 +46,8 @@ class KernelState(FactBase):
 
 class FileText(FactBase):
     """A text file's content, or None when it does not exist."""
+
+    batch_inline = True  # see operations.factcache._fact_command
 
     def command(self, path):
         # base64 keeps every byte, trailing whitespace and newlines included.
@@ -64,9 +68,12 @@ class PatchLines(FactBase):
     our mark), as [(line number, text)]; None when the file does not exist. Lets a run
     see that quantization.py is patched without fetching the whole file."""
 
+    batch_inline = True  # see operations.factcache._fact_command
+
     def command(self, path):
-        return (f"[ -f {path} ] || {{ echo __MISSING__; exit 0; }}; "
-                f"grep -nF -e {shlex.quote(CALL)} -e {shlex.quote(MARK)} {path}; true")
+        return (f"if [ -f {path} ]; then "
+                f"grep -nF -e {shlex.quote(CALL)} -e {shlex.quote(MARK)} {path}; true; "
+                "else echo __MISSING__; fi")
 
     @staticmethod
     def default():

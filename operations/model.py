@@ -31,6 +31,8 @@ logger = logging.getLogger("pyinfra")
 class GitHead(FactBase):
     """The commit checked out in a repo, or '' when it is not a git checkout."""
 
+    batch_inline = True  # see operations.factcache._fact_command
+
     def command(self, path):
         # A detached HEAD (what clone leaves) is read by the shell itself; git only for a
         # branch or anything else.
@@ -54,13 +56,15 @@ class LfsFiles(FactBase):
     in the work tree; verified is the oid recorded when a download was checked.
     """
 
+    batch_inline = True  # see operations.factcache._fact_command
+
     def command(self, path):
         # The pointers of HEAD come from the list the weights operation indexed for that
         # commit (read by the shell itself), else from git: the LFS paths from check-attr,
         # their blob ids from ls-tree, all pointers through one cat-file. Then one stat for
         # all the files, and their stamps read by the shell.
         return (
-            f"cd {path} 2>/dev/null || exit 0; "
+            f"{{ cd {path} 2>/dev/null || exit 0; "
             "head=; { read -r head < .git/HEAD; } 2>/dev/null; "
             f"case $head in ''|*[!0-9a-f]*) index=;; *) index={STAMPS}/.pointers-$head;; esac; "
             "if [ -n \"$index\" ] && [ -f \"$index\" ]; then "
@@ -76,7 +80,7 @@ class LfsFiles(FactBase):
             "awk '/^@@ / { if (p != \"\" && oid != \"\") print oid, size, p; p = substr($0, 4); oid = \"\"; next } "
             "/^oid sha256:/ { oid = substr($2, 8) } /^size [0-9]+$/ { size = $2 } "
             "END { if (p != \"\" && oid != \"\") print oid, size, p }'; "
-            "fi | { set --; "
+            f"fi; }} | {{ cd {path} 2>/dev/null || exit 0; set --; "
             "while read -r oid size f; do printf 'P %s\\n' \"$oid $size $f\"; set -- \"$@\" \"$f\"; done; "
             "[ $# -gt 0 ] && stat -c 'S %s %n' -- \"$@\" 2>/dev/null; "
             f"for f in \"$@\"; do v=; {{ read -r v < \"{STAMPS}/$f\"; }} 2>/dev/null; "
@@ -108,10 +112,13 @@ class PointerIndex(FactBase):
     """The commit a checkout is at and whether LfsFiles' list of its pointers is kept:
     {"head": sha, "indexed": bool}; head is '' when HEAD is not a detached commit."""
 
+    batch_inline = True  # see operations.factcache._fact_command
+
     def command(self, path):
         return (f"head=; {{ read -r head < {path}/.git/HEAD; }} 2>/dev/null; "
-                "case $head in ''|*[!0-9a-f]*) exit 0;; esac; "
-                f"[ -f {path}/{STAMPS}/.pointers-$head ] && echo $head indexed || echo $head")
+                "case $head in ''|*[!0-9a-f]*) ;; *) "
+                f"if [ -f {path}/{STAMPS}/.pointers-$head ]; then echo $head indexed; "
+                "else echo $head; fi;; esac")
 
     @staticmethod
     def default():

@@ -58,6 +58,8 @@ class SmokeState(FactBase):
     "<sha1> <mode>" of the uploaded script ('' if absent), "result": result.json's text
     (None if absent)}."""
 
+    batch_inline = True  # see operations.factcache._fact_command
+
     def command(self, path, smoke_dir):
         d = shlex.quote(smoke_dir)
         return (f"echo \"model $({ModelFiles().command(path)})\"; "
@@ -119,6 +121,8 @@ def run(s: Settings, variant: str, model_dir: str, revision: str, device: str):
 
 class FileSha1(FactBase):
     """sha1 of a file, '' when it does not exist."""
+
+    batch_inline = True  # see operations.factcache._fact_command
 
     def command(self, path):
         return f"sha1sum {shlex.quote(path)} 2>/dev/null | cut -d' ' -f1; true"

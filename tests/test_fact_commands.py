@@ -7,6 +7,7 @@ the other tools they replace say.
 """
 
 import hashlib
+import os
 import shutil
 import subprocess
 
@@ -129,3 +130,66 @@ def test_kernel_state_hashes_the_source_and_reads_the_stamp(tmp_path):
 def test_pci_and_driver_facts_on_a_host_without_nvidia():
     assert read(gpu.NvidiaPciDevices) == []  # this machine has no NVIDIA device
     assert read(gpu.DriverLibraries) == []
+
+
+def test_inline_facts_in_one_batch_give_what_each_gives_alone(lfs_repo, tmp_path):
+    """Facts marked batch_inline run in the batch's own shell, one after another: none may
+    leave a variable, a directory or an exit behind that changes another's answer. Every
+    inline fact, in two orders, against files where they take their different branches."""
+    from operations import factcache, smoke
+
+    repo, head = lfs_repo
+    subprocess.run(model._index_pointers(str(repo), head, read(model.LfsFiles, path=str(repo)))
+                   .get_raw_value(), shell=True, check=True)
+    branch = tmp_path / "branch"
+    subprocess.run(["git", "clone", "-q", str(repo), str(branch)], check=True,
+                   env={**os.environ, "GIT_LFS_SKIP_SMUDGE": "1"})
+    source = tmp_path / "k.c"
+    source.write_text("int f(void) { return 1; }\n")
+    quant = tmp_path / "quantization.py"
+    quant.write_text("def quantize():\n    load_cpu_kernel(**kwargs)\n")
+    facts = [
+        (system.OsRelease, {}), (system.HostResources, {}), (system.CpuCount, {}),
+        (system.MemoryBytes, {}), (system.FreeDiskBytes, {"path": str(tmp_path / "a" / "b")}),
+        (system.MissingDebs, {"packages": ["dpkg", "no-such-package"]}),
+        (gpu.NvidiaPciDevices, {}), (gpu.NvidiaSmi, {}), (gpu.KernelModule, {}),
+        (gpu.DriverLibraries, {}), (gpu.CudaToolkits, {}), (gpu.AptHolds, {}),
+        (model.GitHead, {"path": str(repo)}), (model.GitHead, {"path": str(branch)}),
+        (model.GitHead, {"path": str(tmp_path / "none")}),
+        (model.LfsFiles, {"path": str(repo)}), (model.LfsFiles, {"path": str(branch)}),
+        (model.LfsFiles, {"path": str(tmp_path / "none")}),
+        (model.PointerIndex, {"path": str(repo)}), (model.PointerIndex, {"path": str(branch)}),
+        (kernel.KernelState, {"source": str(source), "built": str(tmp_path / "k.so")}),
+        (kernel.KernelState, {"source": str(tmp_path / "none.c"), "built": str(tmp_path / "k.so")}),
+        (kernel.FileText, {"path": str(quant)}), (kernel.PatchLines, {"path": str(quant)}),
+        (kernel.PatchLines, {"path": str(tmp_path / "none.py")}),
+        (smoke.FileSha1, {"path": str(quant)}),
+        (smoke.SmokeState, {"path": str(repo), "smoke_dir": str(tmp_path / "smoke")}),
+    ]
+    assert all(factcache._fact_command(cls, kwargs)[1] for cls, kwargs in facts)
+    nonce = "@@chatglm-fact-test"
+    for order in (facts, facts[::-1]):
+        command = factcache.batch_command([factcache._fact_command(c, k) for c, k in order], nonce)
+        out = subprocess.run(["sh", "-c", command.get_raw_value()], capture_output=True,
+                             text=True, check=True, cwd=tmp_path).stdout.splitlines()
+        got = factcache._split(out, nonce, len(order))
+        assert len(got) == len(order)
+        for i, (cls, kwargs) in enumerate(order):
+            alone = subprocess.run(["sh", "-c", str(factcache._call(cls().command, kwargs))],
+                                   capture_output=True, text=True, cwd=tmp_path)
+            assert got[i] == (alone.returncode, alone.stdout.splitlines()), (cls, kwargs)
+
+
+def test_missing_debs_from_the_status_file_match_dpkg_query():
+    """The awk over dpkg's status file and dpkg-query (what it replaced) agree on this
+    machine's packages, the installed, the absent and any only partly there."""
+    with open("/var/lib/dpkg/status") as f:
+        stanzas = f.read().split("\n\n")
+    names = [s.split("\n", 1)[0].removeprefix("Package: ") for s in stanzas if s.startswith("Package: ")]
+    not_ok = [n for n, s in zip(names, stanzas) if "Status: install ok installed" not in s]
+    packages = ["dpkg", "bash", "no-such-package", "coreutils", *not_ok[:5], *names[:40]]
+    direct = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Abbrev} ${Package}\n", *packages],
+                            capture_output=True, text=True).stdout.splitlines()
+    want = system.MissingDebs().process([f"want {' '.join(packages)}", *direct])
+    assert read(system.MissingDebs, packages=packages) == want
+    assert "no-such-package" in want and "dpkg" not in want
