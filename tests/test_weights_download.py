@@ -442,3 +442,22 @@ def test_second_downloader_gives_up_with_a_clear_error(request, seaf, share, tmp
             rf"{re.escape(what)}: another download of it is running \(pid \d+ holds "
             rf"{re.escape(str(lock))}\); wait for it to end, or stop it, and rerun",
             second.error), second.error
+
+
+def test_fetcher_command_line(tmp_path):
+    """The fetcher reads its options by hand (no argparse): the forms argparse took, its
+    exit status 2 and a usage line on a bad one, --help."""
+    script = render_fetcher(tmp_path, "mirror", "http://127.0.0.1:9/", [])
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                              text=True, timeout=30)
+
+    assert run("--attempts", "2", "--backoff=0.5", "--lock-wait", "1").returncode == 0  # no files
+    for bad, says in ((["--attempts", "x"], "invalid int value: 'x'"),
+                      (["--lock-wait"], "argument --lock-wait: expected a value"),
+                      (["--retries", "3"], "unrecognized argument --retries")):
+        proc = run(*bad)
+        assert proc.returncode == 2 and says in proc.stderr and "usage:" in proc.stderr, bad
+    helped = run("--help")
+    assert helped.returncode == 0 and "--lock-wait SECONDS" in helped.stdout
