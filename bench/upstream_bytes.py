@@ -15,6 +15,7 @@ Results: bench/results/upstream_bytes.{json,md}.
 import argparse
 import json
 import runpy
+import shutil
 import urllib.request
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def main():
         for mode in ("control", "direct"):
             for n in counts:
                 tag = f"{mode}-{n}"
+                # Empty even where an earlier bench run left this row's blobs behind (a
+                # rerun of the bench measured 0 bytes for control mode before this).
+                shutil.rmtree(lab.LAB / f"cache-{tag}", ignore_errors=True)
                 inventory = write_inventory(base, tag, names[:n], {
                     "stages": STAGES, "weights_mode": mode,
                     "install_dir": f"/opt/chatglm-{tag}",  # fresh: nothing fetched yet
