@@ -404,7 +404,9 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str, mirror: st
 
     weights_mode: 'control' downloads each file once into the control machine's cache and
     uploads it; 'direct' and 'mirror' run templates/fetch_weights.py.j2 on the host. In
-    every mode the host hashes the file against the pointer before it replaces it.
+    every mode the host hashes the file against the pointer before it replaces it. The
+    pointers of the checked-out commit are indexed once (.chatglm-verified/.pointers-<sha>)
+    so that LfsFiles reads them on later runs without starting git.
     """
     files = host.get_fact(LfsFiles, path=model_dir)
     if not files:
