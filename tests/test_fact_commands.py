@@ -127,9 +127,24 @@ def test_kernel_state_hashes_the_source_and_reads_the_stamp(tmp_path):
     assert read(kernel.KernelState, source=str(source), built=str(built)) == {"source": digest, "built": digest}
 
 
-def test_pci_and_driver_facts_on_a_host_without_nvidia():
-    assert read(gpu.NvidiaPciDevices) == []  # this machine has no NVIDIA device
-    assert read(gpu.DriverLibraries) == []
+def test_pci_scan_and_driver_libraries_match_what_python_and_ldconfig_see():
+    """The PCI scan read by the shell against a scan of sysfs in Python; the driver
+    libraries (gated by a grep of ld.so.cache) against ldconfig's own listing."""
+    from pathlib import Path
+
+    want = []
+    for device in sorted(Path("/sys/bus/pci/devices").glob("*")):
+        try:
+            if (device / "vendor").read_text().strip() != gpu.NVIDIA_VENDOR:
+                continue
+            if (device / "class").read_text().startswith("0x03"):
+                want.append({"pci": device.name, "device": (device / "device").read_text().strip()})
+        except OSError:
+            continue
+    assert read(gpu.NvidiaPciDevices) == want
+    listed = sh("ldconfig -p 2>/dev/null | sed -n 's/.*libcuda\\.so\\.1 .*=> //p'")
+    found = [f"{d}/libcuda.so.1" for d in gpu.LIB_DIRS if os.path.exists(f"{d}/libcuda.so.1")]
+    assert {lib["link"] for lib in read(gpu.DriverLibraries)} == set(listed + found)
 
 
 def test_inline_facts_in_one_batch_give_what_each_gives_alone(lfs_repo, tmp_path):
