@@ -28,6 +28,15 @@ MIB = 1 << 20
 logger = logging.getLogger("pyinfra")
 
 
+def _read_head(git_dir: str) -> str:
+    """Shell that sets $head to what <git_dir>/HEAD holds ('' when unreadable); `case
+    $head in {NOT_A_COMMIT})` then tells a detached commit (what clone leaves) from a branch."""
+    return f"head=; {{ read -r head < {git_dir}/HEAD; }} 2>/dev/null; "
+
+
+NOT_A_COMMIT = "''|*[!0-9a-f]*"
+
+
 class GitHead(FactBase):
     """The commit checked out in a repo, or '' when it is not a git checkout."""
 
@@ -36,8 +45,7 @@ class GitHead(FactBase):
     def command(self, path):
         # A detached HEAD (what clone leaves) is read by the shell itself; git only for a
         # branch or anything else.
-        return (f"head=; {{ read -r head < {path}/.git/HEAD; }} 2>/dev/null; "
-                "case $head in ''|*[!0-9a-f]*) "
+        return (_read_head(f"{path}/.git") + f"case $head in {NOT_A_COMMIT}) "
                 f"git -C {path} rev-parse HEAD 2>/dev/null || true;; "
                 "*) echo $head;; esac")
 
@@ -65,8 +73,8 @@ class LfsFiles(FactBase):
         # all the files, and their stamps read by the shell.
         return (
             f"{{ cd {path} 2>/dev/null || exit 0; "
-            "head=; { read -r head < .git/HEAD; } 2>/dev/null; "
-            f"case $head in ''|*[!0-9a-f]*) index=;; *) index={STAMPS}/.pointers-$head;; esac; "
+            + _read_head(".git") +
+            f"case $head in {NOT_A_COMMIT}) index=;; *) index={STAMPS}/.pointers-$head;; esac; "
             "if [ -n \"$index\" ] && [ -f \"$index\" ]; then "
             "while read -r oid size f; do printf '%s\\n' \"$oid $size $f\"; done < \"$index\"; "
             "else "
@@ -115,8 +123,7 @@ class PointerIndex(FactBase):
     batch_inline = True  # see operations.factcache._fact_command
 
     def command(self, path):
-        return (f"head=; {{ read -r head < {path}/.git/HEAD; }} 2>/dev/null; "
-                "case $head in ''|*[!0-9a-f]*) ;; *) "
+        return (_read_head(f"{path}/.git") + f"case $head in {NOT_A_COMMIT}) ;; *) "
                 f"if [ -f {path}/{STAMPS}/.pointers-$head ]; then echo $head indexed; "
                 "else echo $head; fi;; esac")
 
