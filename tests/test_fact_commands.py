@@ -152,6 +152,7 @@ def test_inline_facts_in_one_batch_give_what_each_gives_alone(lfs_repo, tmp_path
     leave a variable, a directory or an exit behind that changes another's answer. Every
     inline fact, in two orders, against files where they take their different branches."""
     from operations import factcache, smoke
+    from tests.test_factcache import live, run_batch
 
     repo, head = lfs_repo
     subprocess.run(model._index_pointers(str(repo), head, read(model.LfsFiles, path=str(repo)))
@@ -182,17 +183,11 @@ def test_inline_facts_in_one_batch_give_what_each_gives_alone(lfs_repo, tmp_path
         (smoke.SmokeState, {"path": str(repo), "smoke_dir": str(tmp_path / "smoke")}),
     ]
     assert all(factcache._fact_command(cls, kwargs)[1] for cls, kwargs in facts)
-    nonce = "@@chatglm-fact-test"
     for order in (facts, facts[::-1]):
-        command = factcache.batch_command([factcache._fact_command(c, k) for c, k in order], nonce)
-        out = subprocess.run(["sh", "-c", command.get_raw_value()], capture_output=True,
-                             text=True, check=True, cwd=tmp_path).stdout.splitlines()
-        got = factcache._split(out, nonce, len(order))
+        got = run_batch(order)
         assert len(got) == len(order)
         for i, (cls, kwargs) in enumerate(order):
-            alone = subprocess.run(["sh", "-c", str(factcache._call(cls().command, kwargs))],
-                                   capture_output=True, text=True, cwd=tmp_path)
-            assert got[i] == (alone.returncode, alone.stdout.splitlines()), (cls, kwargs)
+            assert got[i] == live(cls, kwargs), (cls, kwargs)
 
 
 def test_missing_debs_from_the_status_file_match_dpkg_query():
