@@ -13,13 +13,24 @@ PACKAGES = ["git", "git-lfs", "gcc", "libc6-dev", "libgomp1", "python3-venv", "p
             "curl", "ca-certificates", "kmod", "gnupg", "procps"]
 
 
+# Read by the shell itself (every process a converged host's facts start adds to every
+# run). The CPUs this shell may run on, as nproc counts them, from Cpus_allowed_list
+# ("0-3,8-11"); nproc only when that is missing.
+CPU_COUNT = ("cpus=0; while read -r key list; do [ \"$key\" = Cpus_allowed_list: ] || continue; "
+             "rest=$list,; while [ -n \"$rest\" ]; do r=${rest%%,*}; rest=${rest#*,}; "
+             "case $r in *-*) cpus=$((cpus + ${r#*-} - ${r%-*} + 1));; ?*) cpus=$((cpus + 1));; esac; "
+             "done; break; done < /proc/self/status; [ $cpus -gt 0 ] || cpus=$(nproc); echo $cpus")
+MEM_TOTAL = ("while read -r key value unit; do "
+             "[ \"$key\" = MemTotal: ] && echo $((value * 1024)) && break; done < /proc/meminfo")
+
+
 class CpuCount(FactBase):
     """Number of online CPUs."""
 
     batch_inline = True  # see operations.factcache._fact_command
 
     def command(self):
-        return "nproc"
+        return CPU_COUNT
 
     @staticmethod
     def default():
@@ -35,7 +46,7 @@ class MemoryBytes(FactBase):
     batch_inline = True  # see operations.factcache._fact_command
 
     def command(self):
-        return "awk '/^MemTotal:/{print $2 * 1024}' /proc/meminfo"
+        return MEM_TOTAL
 
     @staticmethod
     def default():
@@ -52,15 +63,7 @@ class HostResources(FactBase):
     batch_inline = True  # see operations.factcache._fact_command
 
     def command(self):
-        # Read by the shell itself (every process a converged host's facts start adds to
-        # every run): the CPUs this shell may run on, as nproc counts them, from
-        # Cpus_allowed_list ("0-3,8-11"); nproc only when that is missing.
-        return ("cpus=0; while read -r key list; do [ \"$key\" = Cpus_allowed_list: ] || continue; "
-                "rest=$list,; while [ -n \"$rest\" ]; do r=${rest%%,*}; rest=${rest#*,}; "
-                "case $r in *-*) cpus=$((cpus + ${r#*-} - ${r%-*} + 1));; ?*) cpus=$((cpus + 1));; esac; "
-                "done; break; done < /proc/self/status; [ $cpus -gt 0 ] || cpus=$(nproc); echo $cpus; "
-                "while read -r key value unit; do "
-                "[ \"$key\" = MemTotal: ] && echo $((value * 1024)) && break; done < /proc/meminfo")
+        return f"{CPU_COUNT}; {MEM_TOTAL}"
 
     @staticmethod
     def default():

@@ -100,6 +100,7 @@ def test_host_resources_match_nproc_and_meminfo():
         total = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
     cpus = int(subprocess.check_output(["nproc"], text=True))
     assert read(system.HostResources) == {"cpus": cpus, "ram_bytes": total * 1024}
+    assert read(system.CpuCount) == cpus and read(system.MemoryBytes) == total * 1024
 
 
 def test_os_release_gives_the_os_id(tmp_path):
