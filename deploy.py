@@ -10,12 +10,12 @@ operation runs, so bad inventory data stops the run with nothing touched.
 
 from pathlib import Path
 
-from pyinfra import host, inventory, logger, state
+from pyinfra import host, inventory, state
 
 from operations import cuda_libs, factcache, gpu, gpu_kernels, kernel, model, preflight, pyenv, pyplan, smoke, system
 from operations.common import cached_argument_types, quick_operation_order, ssh_nodelay
 from operations.report import FleetReport
-from operations.settings import ROOT, is_commit, settings_for, source_for
+from operations.settings import ROOT, settings_for, source_for
 from operations.system import HostResources
 
 # Every host's data is validated on the first pass, before any host's facts are read.
@@ -56,14 +56,12 @@ if "model" in stages:
     variant = model.auto_variant(plan, ram) if s.variant == "auto" else s.variant
     model.check_memory(s, variant, plan, ram)
     src = source_for(s, variant)
-    if s.check_revisions:
-        for key in ("code_revision", "model_revision"):
-            url = src["code_url" if key == "code_revision" else "model_url"]
-            if is_commit(src[key]):
-                warning = preflight.check_revision(host.name, src["settings"][key], url, src[key],
-                                                   Path(s.weights_cache).expanduser())
-                if warning:
-                    logger.warning(f"[{host.name}] {warning}")
+
+py = pyplan.python_plan(s, plan) if "python" in stages else None  # checked before any change
+# Every upstream this host will fetch from is asked before any host is touched.
+preflight.check_sources(host.name, s, src if "model" in stages else None, py)
+
+if "model" in stages:
     model.check_resources(name="Model: disk space", s=s, variant=variant,
                           model_dir=s.model_dir(variant))
 
@@ -82,7 +80,6 @@ if "gpu" in stages and plan["gpu"]:
     gpu.module(name="GPU: kernel module matches driver libraries", plan=plan,
                allow_reboot=s.allow_reboot)
 
-py = pyplan.python_plan(s, plan) if "python" in stages else None  # checked before any change
 if py:
     if py["backend"] == "conda":
         pyenv.conda(name="Python: conda installed (sha256-checked), .condarc", py=py)

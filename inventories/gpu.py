@@ -1,4 +1,4 @@
-"""Example inventory for real machines: copy it, list your hosts, run
+"""Your hosts: list them below (replacing the example names), then run
 
     pyinfra inventories/gpu.py deploy.py --dry --diff    # see every change first
     pyinfra inventories/gpu.py deploy.py
@@ -15,7 +15,8 @@ Model:
     variant="auto"            fp16 | int8 | int4 | auto (by GPU memory: fp16 >= 13 GB,
                               int8 >= 10 GB, else int4; CPU-only hosts get int4)
     install_dir="/opt/chatglm"   venv, code checkout, models/<repo>, smoke/
-    code_url, code_revision   the ChatGLM-6B code repo and a 40-hex commit (data/models.toml)
+    code_url, code_revision   the ChatGLM-6B code repo and a 40-hex commit (data/models.toml
+                              pins reviewed commits of every repo: fp16 at v1.1.0)
     model_url                 model repo URL; "{name}" becomes chatglm-6b / -int8 / -int4
     model_revision            a 40-hex commit of the model repo ...
     model_revisions={}        ... or one per variant: {"int4": "<commit>", ...}
@@ -25,6 +26,11 @@ Model:
                               machine, git fetch of that one commit into weights_cache)
                               whether it has the pinned commit; False when this machine
                               cannot reach the remotes the hosts use
+    check_sources=True        before any host is touched, ask from this machine: the share
+                              lists the variant's files with the sizes of the pinned LFS
+                              pointers (or the mirror serves them), the conda installer,
+                              pip index and torch index answer; False when only the hosts
+                              can reach them
 
 Weights (Tsinghua cloud Seafile shares, data/models.toml):
     weights_mode="control"    control: downloaded once to the control machine, pushed to
@@ -90,12 +96,6 @@ Run:
 _defaults = {
     "ssh_user": "root",
     "ssh_strict_host_key_checking": "yes",
-    "code_revision": "",  # set: git ls-remote https://github.com/THUDM/ChatGLM-6B
-    "model_revisions": {
-        "fp16": "",  # set: git ls-remote https://huggingface.co/THUDM/chatglm-6b
-        "int8": "",
-        "int4": "",
-    },
 }
 
 gpu_servers = [

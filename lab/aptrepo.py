@@ -1,7 +1,7 @@
 """A signed apt repository shaped like NVIDIA's CUDA repository, for lab hosts without a GPU.
 
 Layout, package names, versions and dependencies follow
-https://developer.download.nvidia.com/compute/cuda/repos/<distro>/x86_64/ (UPSTREAM.md §6): one flat
+https://developer.download.nvidia.com/compute/cuda/repos/<distro>/x86_64/ (docs/upstream.md §5): one flat
 repository per distro, signed by a key that the distro's cuda-keyring package installs. Payloads are
 tiny stand-ins (lab/aptrepo_payload/) that leave evidence a test can check: real shared libraries
 that load with ctypes but find no GPU, an nvidia-smi that answers from a simulation file, an nvcc
@@ -33,7 +33,7 @@ MAINTAINER = "CUDA lab repository <cuda-lab@localhost>"
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 
-# Minimum Linux driver per CUDA release (CUDA release notes, table 3; UPSTREAM §6).
+# Minimum Linux driver per CUDA release (CUDA release notes, table 3; docs/upstream.md §5).
 MIN_DRIVER = {"11.7": "515.43.04", "11.8": "520.61.05", "12.1": "530.30.02", "12.2": "535.54.03",
               "12.4": "550.54.14", "12.8": "570.26", "13.0": "580.65.06"}
 
@@ -204,7 +204,7 @@ def _toolkit_debs(xy, lib):
                                              LAB_NVRTC_MAJOR=major, LAB_NVRTC_MINOR=minor),
         f"{lib64}/libnvrtc.so.{nvrtc_so}": f"libnvrtc.so.{nvrtc}",
         f"{lib64}/libnvrtc.so": f"libnvrtc.so.{nvrtc_so}",
-        # Only a link-time stub: libcuda.so itself belongs to the driver (UPSTREAM §4).
+        # Only a link-time stub: libcuda.so itself belongs to the driver (docs/upstream.md §4).
         f"{lib64}/stubs/libcuda.so": lib("libcuda.c", "libcuda.so.1", LAB_STUB=1),
     }
     version_json = {

@@ -30,7 +30,7 @@ STATE = LAB / "state.json"
 # CHATGLM_LAB_PORT_OFFSET lets two labs (say, two worktrees) run side by side.
 OFFSET = int(os.environ.get("CHATGLM_LAB_PORT_OFFSET", "0"))
 PORTS = {"seafile": 18080 + OFFSET, "www": 18081 + OFFSET, "git": 19418 + OFFSET}
-# The real share tokens (UPSTREAM.md §5), served from loopback.
+# The real share tokens (docs/upstream.md §2), served from loopback.
 SHARES = {"quantized": "674208019e314311ab5c", "fp16": "fb9f16d6dc8f482596c2"}
 DISTROS = ("debian11", "debian12", "ubuntu2004", "ubuntu2204", "ubuntu2404")
 

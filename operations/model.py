@@ -361,7 +361,8 @@ def fetch_to_cache(state, host, cache: Path, share: str, share_path: str, name: 
                                           attempts=attempts)
             seafile.download(share, file_path, target, oid, size, attempts=attempts)
     except (seafile.ShareError, OSError, requests.RequestException) as error:
-        host.log_styled(f"weights: {error}", fg="red", log_func=logger.error)
+        host.log_styled(f"weights: {error} (settings weights_share, seafile_url and "
+                        "weights_share_path choose the share)", fg="red", log_func=logger.error)
         return False
     return True
 

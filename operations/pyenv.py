@@ -21,6 +21,7 @@ from pyinfra.operations import files
 
 from .common import fail
 from .pyplan import normalize, version_key
+from .resolver import runs_on_arch_list
 from .settings import ROOT
 
 TEMPLATES = ROOT / "templates"
@@ -51,6 +52,7 @@ VERIFY = (
     "import sys\npaths = list(sys.path)\nimport json, torch, transformers, cpm_kernels\n" + FINGERPRINT +
     "print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, "
     "'cuda_available': torch.cuda.is_available(), 'transformers': transformers.__version__, "
+    "'archs': torch.cuda.get_arch_list() if torch.cuda.is_available() else [], "
     "'fingerprint': fingerprint}))"
 )
 FINGERPRINT_AND_STAMP = "import sys\npaths = sys.path\n" + FINGERPRINT + """
@@ -407,7 +409,8 @@ def _cuda_ok(have: str | None, expect: str | None, installed_by_us: bool) -> boo
 def verify_key(py: dict, fingerprint: str) -> str:
     """What pyenv.verify records once the environment passed: the environment's fingerprint
     and everything of the plan the check compared, hashed."""
-    plan = [py["env"], py["torch"], py["expect_cuda"], py["gpu"], py["pins"].get("transformers"),
+    plan = [py["env"], py["torch"], py["expect_cuda"], py["gpu"], py["gpu_caps"],
+            py["pins"].get("transformers"),
             hashlib.sha256(py["lock_text"].encode()).hexdigest(), fingerprint]
     return hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:32]
 
@@ -460,6 +463,13 @@ def verify(py: dict):
             f"torch {stack['torch']} reports cuda_available={stack['cuda_available']} but the "
             f"resolver planned {'a CUDA' if py['gpu'] else 'a CPU'} host; check the driver "
             "(nvidia-smi) and the torch wheel index")
+        return
+    misfit = [cap for cap in py["gpu_caps"] if not runs_on_arch_list(stack.get("archs"), cap)]
+    if misfit:
+        yield fail(f"torch {stack['torch']} carries kernels for {', '.join(stack['archs'])}, "
+                   f"none of which runs on this host's GPU of compute capability {misfit[0]}; "
+                   "Fix: leave cuda_version and torch_version unset (the resolver picks a build "
+                   "that carries it) or pin a torch build whose torch.cuda.get_arch_list() has it")
         return
     want_tf = py["pins"].get("transformers")
     if want_tf and stack["transformers"] != want_tf:

@@ -215,6 +215,7 @@ def python_plan(s: Settings, plan: dict) -> dict:
         if s.pip_index_url.startswith("http://") else "",
         "torch_tag": tag,
         "gpu": bool(plan.get("gpu")),
+        "gpu_caps": sorted({g["compute_cap"] for g in plan.get("gpus", [])}),
         "expect_cuda": tag_cuda(tag),
     }
     if lock["torch"] is None:

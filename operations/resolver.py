@@ -54,7 +54,18 @@ def resolve(host: str, gpus: list[dict], os_id: str, pins: dict,
                            f"{need_gpu['name']} (compute capability {need_gpu['compute_cap']} "
                            f"needs CUDA >= {need})",
                            "install this GPU in a host with a newer OS release")
-    cuda = pins.get("cuda_version") or os_row["default_cuda"]
+    # The newest toolkit of the OS whose CUDA and torch build run on every GPU of the host.
+    fits = [c for c in sorted(os_row["cudas"], key=version_tuple, reverse=True)
+            if c in compat["cuda"] and not _misfit(compat, c, gpus)]
+    cuda = pins.get("cuda_version")
+    if not cuda:
+        if not fits:
+            raise SettingError(host, "os", f"{os_id!r} packages CUDA {', '.join(os_row['cudas'])}, "
+                               f"none of which runs on every GPU here: "
+                               f"{_misfit(compat, newest, gpus)}",
+                               "install these GPUs in a host whose OS release packages a CUDA "
+                               "that runs on all of them")
+        cuda = fits[0]
     if cuda not in compat["cuda"]:
         raise SettingError(host, "cuda_version", f"= {cuda!r} is unknown",
                            f"use one of {', '.join(compat['cuda'])}")
@@ -65,6 +76,11 @@ def resolve(host: str, gpus: list[dict], os_id: str, pins: dict,
     if cuda not in os_row["cudas"]:
         raise SettingError(host, "cuda_version", f"= {cuda!r} is not packaged for {os_id}",
                            f"use one of {', '.join(os_row['cudas'])}")
+    misfit = _misfit(compat, cuda, gpus)
+    if misfit:
+        better = (f"set cuda_version to {fits[0]}, the newest that runs here, or leave it unset"
+                  if fits else "no CUDA packaged for this OS runs on these GPUs")
+        raise SettingError(host, "cuda_version", f"= {cuda!r} cannot run here: {misfit}", better)
     row = compat["cuda"][cuda]
 
     branch = str(pins.get("driver_branch") or row["branch"])
@@ -84,3 +100,40 @@ def resolve(host: str, gpus: list[dict], os_id: str, pins: dict,
         "torch_tag": row["torch_tag"],
         "repo_distro": os_row["repo"],
     }
+
+
+def runs_on(archs: list[str], compute_cap: str) -> bool:
+    """Whether a build carrying machine code for archs runs on a GPU of compute_cap: code
+    for X.Y runs on X.Z when Z >= Y (same major), never across majors."""
+    major, minor = version_tuple(compute_cap)[:2]
+    return any(version_tuple(a)[0] == major and version_tuple(a)[1] <= minor for a in archs)
+
+
+def runs_on_arch_list(arch_list: list[str] | None, compute_cap: str) -> bool:
+    """Whether torch.cuda.get_arch_list() (['sm_70', ..., 'compute_90']) runs on a GPU of
+    compute_cap: machine code as runs_on says, PTX (compute_XY) on XY and anything newer.
+    None (a torch too old to say) is taken as running."""
+    if arch_list is None:
+        return True
+    code = [f"{a[3:-1]}.{a[-1]}" for a in arch_list if a.startswith("sm_")]
+    ptx = [f"{a[8:-1]}.{a[-1]}" for a in arch_list if a.startswith("compute_")]
+    return runs_on(code, compute_cap) or any(
+        version_tuple(p) <= version_tuple(compute_cap) for p in ptx)
+
+
+def _misfit(compat: dict, cuda: str, gpus: list[dict]) -> str:
+    """Why CUDA cuda (its toolkit or its torch build) cannot run on one of gpus; '' if it can."""
+    builds = load_toml("python.toml")["torch"]["builds"]
+    tag = compat["cuda"][cuda]["torch_tag"]
+    build = builds.get(tag, {})
+    for gpu in gpus:
+        arch = compat["arch"][gpu["compute_cap"]]
+        top = arch.get("max_cuda")
+        if top and version_tuple(cuda) > version_tuple(top):
+            return (f"CUDA {cuda} no longer supports {gpu['name']} (compute capability "
+                    f"{gpu['compute_cap']}, {arch['name']}: CUDA {top} at most)")
+        if "archs" in build and not runs_on(build["archs"], gpu["compute_cap"]):
+            return (f"torch {build['version']}+{tag} carries no kernels for {gpu['name']} "
+                    f"(compute capability {gpu['compute_cap']}; it carries "
+                    f"{', '.join(build['archs'])})")
+    return ""

@@ -4,6 +4,7 @@ Every key here may be set in an inventory's host or group data; inventories/gpu.
 documents each one with its default.
 """
 
+import difflib
 import functools
 import tomllib
 from dataclasses import dataclass, fields
@@ -65,6 +66,7 @@ class Settings:
     model_revisions: dict = None
     allow_floating_revision: bool = False
     check_revisions: bool = True
+    check_sources: bool = True
     weights_mode: str = "control"
     weights_share: str = ""
     seafile_url: str = ""
@@ -125,8 +127,36 @@ def _check_url(host, setting, value, schemes=("http", "https", "git", "file")):
                            f"use a full URL such as 'https://mirror.example/path/' ({'/'.join(schemes)})")
 
 
+@functools.cache
+def pyinfra_keys() -> frozenset[str]:
+    """Host-data keys pyinfra itself reads: its connectors' settings and the global
+    arguments (`_sudo`, ...) a host's data may default."""
+    from pyinfra.api.arguments import all_global_arguments
+    from pyinfra.api.connectors import get_all_connectors
+
+    keys = {name for name, _ in all_global_arguments() if name.startswith("_")}
+    for connector in get_all_connectors().values():
+        keys.update(getattr(connector, "data_meta", None) or {})
+    return frozenset(keys)
+
+
+def check_keys(host_name: str, data: dict) -> None:
+    """A key that is neither a setting of this deploy nor one of pyinfra's would be ignored
+    silently (a misspelt 'varient' deploys the default): stop the run instead."""
+    known = [f.name for f in fields(Settings) if f.name != "host"]
+    for key in sorted(data):
+        if key in known or key in pyinfra_keys():
+            continue
+        near = difflib.get_close_matches(key, known + sorted(pyinfra_keys()), n=1, cutoff=0.6)
+        raise SettingError(host_name, key, "is not a setting of this deploy nor one of pyinfra's",
+                           f"did you mean {near[0]!r}? (every setting: inventories/gpu.py)" if near
+                           else "remove it, or see inventories/gpu.py for every setting")
+
+
 def settings_for(host) -> Settings:
     """Build and validate one host's settings from its data; raise SettingError."""
+    # pyinfra's HostData merges host, group and --data values; tests pass a plain dict.
+    check_keys(host.name, host.data.dict() if hasattr(host.data, "dict") else host.data)
     known = {f.name: f for f in fields(Settings) if f.name != "host"}
     values = {}
     for name, field in known.items():
@@ -213,7 +243,13 @@ def source_for(s: Settings, variant: str) -> dict:
     if s.weights_mirror:
         src["mirror"] = mirror_url(s.weights_mirror, v["name"])
     src["settings"] = {"code_revision": revision_setting(s, "code_revision", variant),
-                       "model_revision": revision_setting(s, "model_revision", variant)}
+                       "model_revision": revision_setting(s, "model_revision", variant),
+                       "share": "weights_share" if s.weights_share else
+                       "seafile_url" if s.seafile_url else "weights_share (data/models.toml)",
+                       "folder": "weights_share_path" if s.weights_share_path
+                       else "weights_share_path (data/models.toml)"}
+    # The published sha256 of the weights hold only for the default commit they came with.
+    src["reviewed"] = v.get("reviewed_sha256", {}) if src["model_revision"] == v["revision"] else {}
     for key in ("code_revision", "model_revision"):
         rev = src[key]
         if not is_commit(rev) and not s.allow_floating_revision:

@@ -52,6 +52,7 @@ GPUS = {
     "A100": {"name": "NVIDIA A100-SXM4-40GB", "memory_mib": 40960, "compute_cap": "8.0"},
     "L4": {"name": "NVIDIA L4", "memory_mib": 23034, "compute_cap": "8.9"},
     "T4": {"name": "Tesla T4", "memory_mib": 15360, "compute_cap": "7.5"},
+    "V100": {"name": "Tesla V100-SXM2-16GB", "memory_mib": 16384, "compute_cap": "7.0"},
 }
 
 def build_plan(spec_plan: dict) -> dict:

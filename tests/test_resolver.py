@@ -116,7 +116,7 @@ def test_unsupported_os(os_id):
 def test_cuda_not_packaged_for_the_os():
     message = error_of(plan_for, [H100], "ubuntu-20.04", cuda_version="13.0")
     assert_names(message, "cuda_version", "13.0", "ubuntu-20.04", "12.4")
-    # cuda-drivers-515 (CUDA 11.7) is absent from the Ubuntu 24.04 repo (UPSTREAM.md section 6).
+    # cuda-drivers-515 (CUDA 11.7) is absent from the Ubuntu 24.04 repo (docs/upstream.md §5).
     assert_names(error_of(plan_for, [A10], "ubuntu-24.04", cuda_version="11.7"),
                  "cuda_version", "ubuntu-24.04")
 
@@ -190,7 +190,7 @@ def test_version_tuple_and_os_key():
 
 # ---------------------------------------------------------------- data/compat.toml
 
-# UPSTREAM.md section 6, CUDA release notes table 3.
+# docs/upstream.md §5, CUDA release notes table 3.
 MIN_DRIVER = {"11.7": "515.43.04", "11.8": "520.61.05", "12.1": "530.30.02", "12.4": "550.54.14",
               "12.8": "570.26", "13.0": "580.65.06"}
 
@@ -210,14 +210,74 @@ def test_compat_os_rows_are_consistent():
     repos = {"ubuntu2004", "ubuntu2204", "ubuntu2404", "debian11", "debian12"}
     assert {row["repo"] for row in COMPAT["os"].values()} == repos
     for os_id, row in COMPAT["os"].items():
-        assert row["default_cuda"] in row["cudas"], os_id
         assert set(row["cudas"]) <= set(COMPAT["cuda"]), os_id
     assert "11.7" not in COMPAT["os"]["ubuntu-24.04"]["cudas"]  # no cuda-drivers-515 there
 
 
-def test_compat_default_is_the_newest_cuda_of_the_os():
-    for os_id, row in COMPAT["os"].items():
-        assert row["default_cuda"] == max(row["cudas"], key=version_tuple), os_id
+V100 = {"name": "Tesla V100-SXM2-16GB", "memory_mib": 16384, "compute_cap": "7.0"}
+P100 = {"name": "Tesla P100-PCIE-16GB", "memory_mib": 16384, "compute_cap": "6.0"}
+# What each GPU gets unpinned, per OS: the newest CUDA whose toolkit and torch build run on it.
+NEWEST_THAT_RUNS = {
+    "V100": {"ubuntu-20.04": "12.4", "ubuntu-22.04": "12.4", "ubuntu-24.04": "12.4",
+             "debian-11": "12.4", "debian-12": "12.4"},
+    "P100": {"ubuntu-20.04": "12.4", "ubuntu-22.04": "12.4", "ubuntu-24.04": "12.4",
+             "debian-11": "12.4", "debian-12": "12.4"},
+    "T4": {"ubuntu-20.04": "12.4", "ubuntu-22.04": "13.0", "ubuntu-24.04": "13.0",
+           "debian-11": "12.4", "debian-12": "13.0"},
+    "H100": {"ubuntu-20.04": "12.4", "ubuntu-22.04": "13.0", "ubuntu-24.04": "13.0",
+             "debian-11": "12.4", "debian-12": "13.0"},
+}
+GPUS_BY_NAME = {"V100": V100, "P100": P100, "T4": T4, "H100": H100}
+
+
+@pytest.mark.parametrize("gpu", sorted(NEWEST_THAT_RUNS))
+@pytest.mark.parametrize("os_id", sorted(COMPAT["os"]))
+def test_unpinned_hosts_get_the_newest_stack_that_runs_on_their_gpu(gpu, os_id):
+    plan = plan_for([GPUS_BY_NAME[gpu]], os_id)
+    assert plan["cuda"] == NEWEST_THAT_RUNS[gpu][os_id]
+    archs = load_toml("python.toml")["torch"]["builds"][plan["torch_tag"]]["archs"]
+    from operations.resolver import runs_on
+    assert runs_on(archs, GPUS_BY_NAME[gpu]["compute_cap"])
+
+
+@pytest.mark.parametrize("os_id", sorted(COMPAT["os"]))
+@pytest.mark.parametrize("gpu", sorted(NEWEST_THAT_RUNS))
+def test_each_packaged_cuda_pinned_runs_or_says_why_and_what_would(gpu, os_id):
+    card = GPUS_BY_NAME[gpu]
+    for cuda in COMPAT["os"][os_id]["cudas"]:
+        older_volta = card["compute_cap"] in ("6.0", "7.0")
+        too_old = version_tuple(cuda) < version_tuple(COMPAT["arch"][card["compute_cap"]]["min_cuda"])
+        if too_old:
+            continue
+        if older_volta and cuda in ("12.8", "13.0"):
+            message = error_of(plan_for, [card], os_id, cuda_version=cuda)
+            assert_names(message, "cuda_version", f"= {cuda!r} cannot run here",
+                         f"set cuda_version to {NEWEST_THAT_RUNS[gpu][os_id]}, the newest that runs here")
+        else:
+            assert plan_for([card], os_id, cuda_version=cuda)["cuda"] == cuda
+
+
+def test_v100_pins_say_exactly_why():
+    assert error_of(plan_for, [V100], "ubuntu-24.04", cuda_version="13.0") == (
+        "host 'gpu-node-7': setting 'cuda_version' = '13.0' cannot run here: CUDA 13.0 no longer "
+        "supports Tesla V100-SXM2-16GB (compute capability 7.0, Volta: CUDA 12.9 at most). "
+        "Fix: set cuda_version to 12.4, the newest that runs here, or leave it unset")
+    assert error_of(plan_for, [V100], "debian-12", cuda_version="12.8") == (
+        "host 'gpu-node-7': setting 'cuda_version' = '12.8' cannot run here: torch 2.8.0+cu128 "
+        "carries no kernels for Tesla V100-SXM2-16GB (compute capability 7.0; it carries 7.5, "
+        "8.0, 8.6, 9.0, 10.0, 12.0). Fix: set cuda_version to 12.4, the newest that runs here, "
+        "or leave it unset")
+
+
+def test_a_mixed_host_gets_what_runs_on_every_gpu():
+    assert plan_for([H100, V100], "ubuntu-22.04")["cuda"] == "12.4"
+    assert plan_for([H100, T4], "ubuntu-22.04")["cuda"] == "13.0"
+
+
+def test_runs_on_follows_the_major_version():
+    from operations.resolver import runs_on
+    assert runs_on(["6.0", "7.0"], "6.1") and runs_on(["8.0"], "8.9")
+    assert not runs_on(["7.5", "8.0"], "7.0") and not runs_on(["9.0"], "10.0")
 
 
 def test_compat_arch_rows():
@@ -315,11 +375,29 @@ def test_floating_revision_needs_allow_floating_revision():
                  "allow_floating_revision=True")
 
 
-def test_floating_model_revision_from_models_toml():
-    # models.toml ships no model commit: the host must pin one (or allow floating).
-    s = settings_for(host_with(code_revision=COMMIT))
-    message = error_of(source_for, s, "int8")
-    assert_names(message, "model_revision (data/models.toml)", "trust_remote_code")
+def test_defaults_pin_the_reviewed_commits():
+    # A host that sets nothing gets reviewed commits (fp16 at v1.1.0), no floating ref.
+    s = settings_for(host_with())
+    assert source_for(s, "fp16")["model_revision"] == "942945df047dee66f653c68ae0e56655045f1741"
+    assert source_for(s, "int4")["model_revision"] == "6c5205c47d0d2f7ea2e44715d279e537cae0911f"
+    assert source_for(s, "int8")["model_revision"] == "22906aeb32fd7952ce323dc9d25e01693b270da6"
+    src = source_for(s, "int4")
+    assert src["code_revision"] == "a0d6b9e1698f5bfd7ca610ebf03a4bd595f53dda"
+    assert src["settings"]["model_revision"] == "model_revision (data/models.toml)"
+    # The published sha256 apply to the default commit only.
+    assert src["reviewed"]["pytorch_model.bin"].startswith("245786435bde")
+    assert source_for(settings_for(host_with(model_revision=COMMIT)), "int4")["reviewed"] == {}
+
+
+def test_a_misspelt_setting_stops_naming_the_nearest():
+    message = error_of(settings_for, host_with(varient="int4"))
+    assert message == ("host 'gpu-node-7': setting 'varient' is not a setting of this deploy "
+                       "nor one of pyinfra's. Fix: did you mean 'variant'? (every setting: "
+                       "inventories/gpu.py)")
+    assert "'smoke_max_new_tokens'" in error_of(settings_for, host_with(smoke_max_new_tokenz=8))
+    assert "remove it" in error_of(settings_for, host_with(zzz_unrelated=1))
+    # pyinfra's own keys pass: connector settings and global-argument defaults.
+    settings_for(host_with(ssh_port=22, ssh_known_hosts_file="/k", _sudo=True, _env={}))
 
 
 def test_floating_revision_allowed():

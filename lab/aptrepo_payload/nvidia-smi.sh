@@ -77,7 +77,7 @@ if [ -z "$kmod" ]; then
   echo
   exit 9
 fi
-# Userspace upgraded while the old kernel module is still loaded (UPSTREAM §1).
+# Userspace upgraded while the old kernel module is still loaded (docs/upstream.md §5).
 if [ "$kmod" != "$ver" ]; then
   echo "Failed to initialize NVML: Driver/library version mismatch"
   echo "NVML library version: ${ver%.*}"
