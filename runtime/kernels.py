@@ -46,7 +46,7 @@ def _gelu_tanh(y):
 
 
 @triton.jit
-def _qlinear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, o_ptr, M, N, K, alpha,
+def _qlinear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, o_ptr, M, N, row_bytes, alpha,
                     stride_x, stride_r, stride_o,
                     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GELU: tl.constexpr,
@@ -54,7 +54,6 @@ def _qlinear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, o_ptr, M, N, K, alpha,
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     PACKED: tl.constexpr = BLOCK_K * BITS // 8
-    row_bytes = K * BITS // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, PACKED)
@@ -163,7 +162,7 @@ def qlinear(x, weight, scale, bits, bias=None, residual=None, alpha=1.0, gelu=Fa
     grid = (N // block_n, 1)
     _qlinear_kernel[grid](
         x, weight, scale, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
-        M, N, K, float(alpha), x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        M, N, K * bits // 8, float(alpha), x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         BITS=bits, BLOCK_M=16 if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, GELU=gelu, MAGIC=magic,
         num_warps=warps, num_stages=stages)
