@@ -266,7 +266,7 @@ def sweep():
 
     shapes = {"qkv": (12288, 4096), "dense": (4096, 4096), "h_to_4h": (16384, 4096), "4h_to_h": (4096, 16384)}
     configs = [(16, 512, 4, 3, True), (16, 512, 4, 3, False), (8, 512, 4, 3, True), (32, 256, 4, 3, True),
-               (16, 1024, 8, 3, True), (32, 128, 4, 4, False), (64, 128, 4, 3, False)]
+               (32, 512, 8, 4, True), (16, 1024, 4, 3, True), (32, 128, 4, 4, False), (64, 128, 4, 3, False)]
     rows = []
     for bits in (4, 8):
         for label, (n, k) in shapes.items():
@@ -297,6 +297,25 @@ def sweep():
                                      GBps=round(w16.numel() * 2 / (ms / 1e3) / 1e9)))
                     log("sweep fp16", label, m, f"{ms * 1e3:.1f} us", f"{rows[-1]['GBps']} GB/s")
                 del w16
+    # The fused decode attention: one new token per sequence over 768 cached ones.
+    heads, hd, length = 32, 128, 768
+    for batch in (1, 16):
+        cache_k = torch.randn(batch + 1, heads, 1024, hd, dtype=torch.float16, device=DEVICE)
+        cache_v = torch.randn_like(cache_k)
+        table = torch.randn(1025, hd // 2, dtype=torch.float16, device=DEVICE)
+        qkv = torch.randn(batch, 3 * heads * hd, dtype=torch.float16, device=DEVICE)
+        index = torch.arange(batch, dtype=torch.int32, device=DEVICE)
+        lengths = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
+        for config in ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 4), (32, 4, 4)):
+            def attend():
+                # Same length every call: the key written at `length` is rewritten, nothing grows.
+                kernels.decode_attention(qkv, cache_k, cache_v, table, table, index, lengths, index, index, heads,
+                                         config=config)
+            ms = triton.testing.do_bench(attend, warmup=25, rep=100, return_mode="median")
+            gbs = 2 * batch * heads * length * hd * 2 / (ms / 1e3) / 1e9
+            rows.append(dict(kernel="attention", rows=batch, config=config, us=round(ms * 1e3, 1), GBps=round(gbs)))
+            log("sweep attention", batch, config, f"{ms * 1e3:.1f} us", f"{gbs:.0f} GB/s")
+        del cache_k, cache_v
     return rows
 
 

@@ -226,11 +226,15 @@ def _decode_attention_kernel(qkv_ptr, k_cache, v_cache, cos_ptr, sin_ptr, slot_p
     tl.store(o_ptr + b * stride_o + h * HEAD_DIM + d, (acc / l_i).to(tl.float16))
 
 
+ATTENTION_CONFIG = (64, 4, 3)  # (BLOCK_T keys per iteration, num_warps, num_stages)
+
+
 def decode_attention(qkv, k_cache, v_cache, cos, sin, slots, lengths, positions, blocks, num_heads, out=None,
-                     block_t=64, num_warps=4):
+                     config=None):
     """qkv (B, heads*3*head_dim) fp16; caches (slots, heads, max_len, head_dim); cos/sin
     (max_len+1, head_dim/2); slots/lengths/positions/blocks (B,) int32 on the device. Writes each
     row's new key/value at index lengths[b] of its slot and returns (B, heads*head_dim)."""
+    block_t, num_warps, num_stages = config or ATTENTION_CONFIG
     batch = qkv.shape[0]
     head_dim = k_cache.shape[-1]
     if out is None:
@@ -238,7 +242,7 @@ def decode_attention(qkv, k_cache, v_cache, cos, sin, slots, lengths, positions,
     _decode_attention_kernel[(batch, num_heads)](
         qkv, k_cache, v_cache, cos, sin, slots, lengths, positions, blocks, out,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), out.stride(0), head_dim ** -0.5,
-        HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=num_warps)
+        HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
