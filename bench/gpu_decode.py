@@ -315,6 +315,16 @@ def sweep():
             gbs = 2 * batch * heads * length * hd * 2 / (ms / 1e3) / 1e9
             rows.append(dict(kernel="attention", rows=batch, config=config, us=round(ms * 1e3, 1), GBps=round(gbs)))
             log("sweep attention", batch, config, f"{ms * 1e3:.1f} us", f"{gbs:.0f} GB/s")
+        for config in ((64, 4, 3, 8), (64, 4, 3, 4), (32, 4, 3, 16), (128, 8, 3, 8)):
+            if batch > 2:
+                break
+            def attend_split():
+                kernels.split_attention(qkv, cache_k, cache_v, table, table, index, lengths, index, index, heads,
+                                        config=config)
+            ms = triton.testing.do_bench(attend_split, warmup=25, rep=100, return_mode="median")
+            gbs = 2 * batch * heads * length * hd * 2 / (ms / 1e3) / 1e9
+            rows.append(dict(kernel="split attention", rows=batch, config=config, us=round(ms * 1e3, 1), GBps=round(gbs)))
+            log("sweep split attention", batch, config, f"{ms * 1e3:.1f} us", f"{gbs:.0f} GB/s")
         del cache_k, cache_v
     return rows
 

@@ -358,8 +358,10 @@ class Engine:
             normed = F.layer_norm(x, (self.hidden,), *layer["ln1"], self.eps)
             qkv = self._linear(normed, layer["qkv"])
             if self.use_kernels:
-                attended = _kernels.decode_attention(qkv, self.k_cache[index], self.v_cache[index], self.cos, self.sin,
-                                                     slots, lengths, positions, blocks, self.heads)
+                # Few sequences: share each head's keys among several programs to fill the GPU.
+                attend = _kernels.split_attention if batch * self.heads < _kernels.SPLIT_BELOW else _kernels.decode_attention
+                attended = attend(qkv, self.k_cache[index], self.v_cache[index], self.cos, self.sin,
+                                  slots, lengths, positions, blocks, self.heads)
             else:
                 attended = self._torch_attention(index, qkv, slots, lengths, positions, blocks)
             x = self._linear(attended, layer["dense"], residual=normed)

@@ -226,7 +226,107 @@ def _decode_attention_kernel(qkv_ptr, k_cache, v_cache, cos_ptr, sin_ptr, slot_p
     tl.store(o_ptr + b * stride_o + h * HEAD_DIM + d, (acc / l_i).to(tl.float16))
 
 
+@triton.jit
+def _split_attention_kernel(qkv_ptr, k_cache, v_cache, cos_ptr, sin_ptr, slot_ptr, len_ptr, pos_ptr, bpos_ptr,
+                            part_ptr, stride_qkv, stride_slot, stride_head, sm_scale,
+                            HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr):
+    """Like _decode_attention_kernel, for few sequences: SPLITS programs share one head's keys
+    (a single program per head leaves most of the GPU idle at batch 1). Each writes its running
+    max, sum and weighted values; _combine_kernel merges them."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    heads = tl.num_programs(1)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    QUARTER: tl.constexpr = HEAD_DIM // 4
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    cached = tl.load(len_ptr + b)
+    d = tl.arange(0, HEAD_DIM)
+    base = qkv_ptr + b * stride_qkv + h * 3 * HEAD_DIM
+    in_half = d % HALF
+    first_quarter = in_half < QUARTER
+    partner = tl.where(first_quarter, d + QUARTER, d - QUARTER)
+    sign = tl.where(first_quarter, -1.0, 1.0)
+    angle_at = tl.where(d < HALF, tl.load(pos_ptr + b), tl.load(bpos_ptr + b))
+    cos = tl.load(cos_ptr + angle_at * HALF + in_half).to(tl.float32)
+    sin = tl.load(sin_ptr + angle_at * HALF + in_half).to(tl.float32)
+    q = tl.load(base + d).to(tl.float32)
+    q_pair = tl.load(base + partner).to(tl.float32) * sign
+    q = ((q * cos).to(tl.float16).to(tl.float32) + (q_pair * sin).to(tl.float16).to(tl.float32)).to(tl.float16)
+    k = tl.load(base + HEAD_DIM + d).to(tl.float32)
+    k_pair = tl.load(base + HEAD_DIM + partner).to(tl.float32) * sign
+    k = ((k * cos).to(tl.float16).to(tl.float32) + (k_pair * sin).to(tl.float16).to(tl.float32)).to(tl.float16)
+    v = tl.load(base + 2 * HEAD_DIM + d)
+    head_k = k_cache + slot * stride_slot + h * stride_head
+    head_v = v_cache + slot * stride_slot + h * stride_head
+    last = split == SPLITS - 1
+    # The last split owns the new token: it stores its key/value and counts it from registers.
+    tl.store(head_k + cached * HEAD_DIM + d, k, mask=(d < HEAD_DIM) & last)
+    tl.store(head_v + cached * HEAD_DIM + d, v, mask=(d < HEAD_DIM) & last)
+    q = (q.to(tl.float32) * sm_scale).to(tl.float16).to(tl.float32)
+    own = (tl.sum(q * k.to(tl.float32), axis=0)).to(tl.float16).to(tl.float32)
+    m_i = tl.where(last, own, float("-inf"))
+    l_i = tl.where(last, 1.0, 0.0)
+    acc = tl.where(last, v.to(tl.float32), 0.0)
+    chunk = tl.cdiv(tl.cdiv(cached, SPLITS), BLOCK_T) * BLOCK_T
+    start = split * chunk
+    stop = tl.minimum(start + chunk, cached)
+    t = tl.arange(0, BLOCK_T)
+    for t0 in range(start, stop, BLOCK_T):
+        ok = (t0 + t) < stop
+        keys = tl.load(head_k + (t0 + t)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
+        scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1).to(tl.float16).to(tl.float32)
+        scores = tl.where(ok, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        correction = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new)
+        values = tl.load(head_v + (t0 + t)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * correction + tl.sum(p[:, None] * values.to(tl.float32), axis=0)
+        l_i = l_i * correction + tl.sum(p, axis=0)
+        m_i = m_new
+    part = part_ptr + ((b * heads + h) * SPLITS + split) * (HEAD_DIM + 2)
+    tl.store(part + d, acc)
+    tl.store(part + HEAD_DIM, m_i)
+    tl.store(part + HEAD_DIM + 1, l_i)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, o_ptr, stride_o, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    heads = tl.num_programs(1)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    part = part_ptr + ((b * heads + h) * SPLITS + s) * (HEAD_DIM + 2)
+    m = tl.load(part + HEAD_DIM)
+    l = tl.load(part + HEAD_DIM + 1)
+    top = tl.max(m, axis=0)  # finite: the last split always holds the new token
+    weight = tl.exp(m - top)
+    acc = tl.load(part[:, None] + d[None, :])
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+    tl.store(o_ptr + b * stride_o + h * HEAD_DIM + d, out.to(tl.float16))
+
+
 ATTENTION_CONFIG = (64, 4, 3)  # (BLOCK_T keys per iteration, num_warps, num_stages)
+SPLIT_CONFIG = (64, 4, 3, 8)   # the same plus the number of splits per head
+SPLIT_BELOW = 132              # split when fewer (sequence, head) pairs than this: one per SM
+
+
+def split_attention(qkv, k_cache, v_cache, cos, sin, slots, lengths, positions, blocks, num_heads, out=None,
+                    config=None):
+    """decode_attention with each head's keys shared among several programs (for batch 1-3)."""
+    block_t, num_warps, num_stages, splits = config or SPLIT_CONFIG
+    batch = qkv.shape[0]
+    head_dim = k_cache.shape[-1]
+    if out is None:
+        out = torch.empty(batch, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    parts = torch.empty(batch, num_heads, splits, head_dim + 2, dtype=torch.float32, device=qkv.device)
+    _split_attention_kernel[(batch, num_heads, splits)](
+        qkv, k_cache, v_cache, cos, sin, slots, lengths, positions, blocks, parts,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), head_dim ** -0.5,
+        HEAD_DIM=head_dim, BLOCK_T=block_t, SPLITS=splits, num_warps=num_warps, num_stages=num_stages)
+    _combine_kernel[(batch, num_heads)](parts, out, out.stride(0), HEAD_DIM=head_dim, SPLITS=splits, num_warps=4)
+    return out
 
 
 def decode_attention(qkv, k_cache, v_cache, cos, sin, slots, lengths, positions, blocks, num_heads, out=None,
@@ -281,6 +381,7 @@ def warm(hidden_size, inner_hidden_size, num_attention_heads, bits_list=(4, 8), 
     index = torch.zeros(1, dtype=torch.int32, device=device)
     qkv = torch.randn(1, 3 * hidden_size, dtype=torch.float16, device=device)
     decode_attention(qkv, cache, cache.clone(), table, table, index, index, index, index, num_attention_heads)
+    split_attention(qkv, cache, cache.clone(), table, table, index, index, index, index, num_attention_heads)
     torch.cuda.synchronize()
     timings["attention"] = round(time.perf_counter() - start, 3)
     return timings
