@@ -176,7 +176,8 @@ class SeafileStandIn:
 
     def reset_stats(self):
         with self.lock:
-            self._stats = {"requests": 0, "bytes_sent": 0, "per_file": {}, "redirects": 0}
+            self._stats = {"requests": 0, "bytes_sent": 0, "per_file": {}, "redirects": 0,
+                           "listings": 0}
 
     # -- helpers for the handler
     def issue_token(self, file_path, local):
@@ -209,10 +210,12 @@ class SeafileStandIn:
                 return dict(rule)
         return None
 
-    def count(self, file_path=None, nbytes=0, request=False):
+    def count(self, file_path=None, nbytes=0, request=False, listing=False):
         with self.lock:
             if request:
                 self._stats["requests"] += 1
+            if listing:
+                self._stats["listings"] += 1
             if nbytes:
                 self._stats["bytes_sent"] += nbytes
                 per_file = self._stats["per_file"]
@@ -317,6 +320,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- seahub
     def dirents(self, token):
+        self.seaf.count(listing=True)
         request_path = self.query.get("path", "/")
         code = self._status_fault([request_path])
         if code:

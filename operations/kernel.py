@@ -21,6 +21,9 @@ from .system import CpuCount
 
 CALL = "load_cpu_kernel(**kwargs)"
 CALL_RE = re.compile(r"^[ \t]*load_cpu_kernel\(\*\*kwargs\)[ \t]*(#.*)?$")
+# The modeling code calls load_cpu_kernel(**kwargs) itself too (quantize() of a model already
+# quantized, on the CPU), with no kernel_file: the function's own first line covers that call.
+DEF = "def load_cpu_kernel(**kwargs):"
 MARK = "# chatglm-deploy: prebuilt CPU kernel"
 STAMP = ".chatglm-kernel.sha256"
 
@@ -89,19 +92,26 @@ class PatchLines(FactBase):
         return lines
 
 
+def _setdefault(indent: str, kernel: str) -> str:
+    return f'{indent}kwargs.setdefault("kernel_file", {kernel!r})  {MARK}'
+
+
 def is_patched(lines: list, kernel: str) -> bool:
     """Whether patched() would leave a file with these PatchLines unchanged: every call
-    line has our exact line right above it, and no mark line stands anywhere else."""
+    line has our exact line right above it, the function's definition right below it, and
+    no mark line stands anywhere else. (PatchLines' grep for the call finds the definition
+    line too: it contains the call's text.)"""
     text = dict(lines)
+    defs = [n for n, line in lines if line.startswith(DEF)]
     calls = [n for n, line in lines if CALL_RE.match(line)]
     marks = {n for n, line in lines if MARK in line}
-    if not calls or marks != {n - 1 for n in calls}:
+    if not calls or marks != {n - 1 for n in calls} | {n + 1 for n in defs}:
         return False
     for n in calls:
         indent = text[n][: len(text[n]) - len(text[n].lstrip())]
-        if text[n - 1] != f'{indent}kwargs.setdefault("kernel_file", {kernel!r})  {MARK}':
+        if text[n - 1] != _setdefault(indent, kernel):
             return False
-    return True
+    return all(text[n + 1].strip() == _setdefault("", kernel) for n in defs)
 
 
 def kernel_source(model_dir: str, cpus: int = 0) -> str:
@@ -144,18 +154,24 @@ def patched(text: str, path: str, kernel: str) -> str:
 
     Both upstream shapes of quantize() are handled: the final one calls
     `load_cpu_kernel(**kwargs)` directly, the April 2023 one inside `try:`; the line set
-    before the call takes the call's own indentation, so it lands in the same block.
+    before the call takes the call's own indentation, so it lands in the same block. The
+    same line opens load_cpu_kernel() itself, for the modeling code's own call of it.
     """
     lines = text.split("\n")
-    out, found = [], False
+    out, found, body = [], False, None
     for line in lines:
         if MARK in line:
             continue
+        if body is not None and line.strip():
+            out.append(_setdefault(line[: len(line) - len(line.lstrip())] or "    ", kernel))
+            body = None
         if CALL_RE.match(line):
             indent = line[: len(line) - len(line.lstrip())]
-            out.append(f'{indent}kwargs.setdefault("kernel_file", {kernel!r})  {MARK}')
+            out.append(_setdefault(indent, kernel))
             found = True
         out.append(line)
+        if line.startswith(DEF):
+            body = True  # the mark goes above the function's first statement
     if not found:
         raise OperationError(f"{path}: the line {CALL!r} (in quantize()) was not found, so the "
                              "prebuilt kernel cannot be passed in; this quantization.py differs "

@@ -357,12 +357,15 @@ def fetch_to_cache(state, host, cache: Path, share: str, share_path: str, name: 
         with lock:
             if target.is_file() and target.stat().st_size == size:
                 return True
-            file_path = seafile.find_file(share, share_path, Path(name).name, size,
-                                          attempts=attempts)
+            try:
+                file_path = seafile.find_file(share, share_path, Path(name).name, size,
+                                              attempts=attempts)
+            except seafile.ShareError as error:
+                raise seafile.ShareError(f"{error} (settings weights_share, seafile_url and "
+                                         "weights_share_path choose the share)") from None
             seafile.download(share, file_path, target, oid, size, attempts=attempts)
     except (seafile.ShareError, OSError, requests.RequestException) as error:
-        host.log_styled(f"weights: {error} (settings weights_share, seafile_url and "
-                        "weights_share_path choose the share)", fg="red", log_func=logger.error)
+        host.log_styled(f"weights: {error}", fg="red", log_func=logger.error)
         return False
     return True
 
@@ -468,7 +471,20 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str, mirror: st
         source=mirror if s.weights_mode == "mirror" else share, folder=share_path,
         model_dir=model_dir, stamps=STAMPS, attempts=s.weights_attempts,
         files=[{"name": n, "oid": f["oid"], "size": f["size"]} for n, f in sorted(todo.items())])
-    yield StringCommand(QuoteString(s.python), QuoteString(script))
+    yield FunctionCommand(_run_shown, (StringCommand(QuoteString(s.python), QuoteString(script)),), {})
+
+
+def _run_shown(state, host, command: StringCommand) -> bool:
+    """Run the host's downloader with its output shown as it comes, at any verbosity: a
+    progress line per file every few seconds (bytes, rate, ETA). Its ERROR lines are logged
+    again as the host's error, for the fleet report."""
+    ok, output = host.run_shell_command(command, print_output=True)
+    if not ok:
+        errors = [line.strip() for line in output.stderr_lines if line.strip().startswith("ERROR:")]
+        host.log_styled("weights: " + (" / ".join(e[len("ERROR:"):].strip() for e in errors)
+                                       or "the downloader failed (see its output above)"),
+                        fg="red", log_func=logger.error)
+    return ok
 
 
 def auto_variant(plan: dict, ram_bytes: int) -> str:

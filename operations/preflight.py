@@ -187,7 +187,7 @@ def check_share(host_name: str, settings: dict, share: str, folder: str, pointer
     """
     for name, sha in reviewed.items():
         if name in pointers and pointers[name]["oid"] != sha:
-            raise SettingError(host_name, settings["revision"], f"gives {name} the sha256 "
+            raise SettingError(host_name, settings["model_revision"], f"gives {name} the sha256 "
                                f"{pointers[name]['oid']}, not the reviewed {sha}",
                                "check model_url: at this commit the upstream repo holds the "
                                "reviewed weights")
@@ -204,7 +204,7 @@ def check_share(host_name: str, settings: dict, share: str, folder: str, pointer
                                f"of {entry['size']} bytes, but the LFS pointer at the pinned "
                                f"revision says {want['size']}",
                                f"use the share of the weights of that revision, or pin the "
-                               f"revision ({settings['revision']}) those weights belong to")
+                               f"revision ({settings['model_revision']}) those weights belong to")
 
 
 def _list_share(host_name, settings, share, folder) -> dict:

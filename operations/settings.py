@@ -23,7 +23,7 @@ class SettingError(PyinfraError):
     """Bad inventory data: names the host, the setting and the fix."""
 
     def __init__(self, host: str, setting: str, problem: str, fix: str):
-        super().__init__(f"host {host!r}: setting {setting!r} {problem}. Fix: {fix}")
+        super().__init__(f"host {host!r}: setting {setting!r} {problem.rstrip('.')}. Fix: {fix}")
 
 
 def load_toml(name: str) -> dict:

@@ -97,7 +97,10 @@ def render(command):
         content = src.getvalue() if isinstance(src, StringIO) else Path(src).read_text()
         return {"upload": command.dest, "content": content}
     if isinstance(command, FunctionCommand):
-        return {"function": command.function.__name__}
+        shown = {"function": command.function.__name__}
+        if command.args and isinstance(command.args[0], StringCommand):
+            shown["command"] = command.args[0].get_raw_value()  # a command run on the host
+        return shown
     return {"unknown": repr(command)}
 
 

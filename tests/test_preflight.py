@@ -163,7 +163,7 @@ def test_three_hosts_three_commits_in_parallel_are_each_exact(model_remote, remo
 
 
 SHARE_NAMES = {"share": "weights_share", "folder": "weights_share_path",
-               "revision": "model_revisions['int4']"}
+               "model_revision": "model_revisions['int4']"}
 
 
 @pytest.fixture

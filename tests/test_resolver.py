@@ -418,3 +418,19 @@ def test_source_for_pinned_and_mirrored():
     assert src["model_url"] == "https://hf-mirror.example/THUDM/chatglm-6b-int4"
     assert src["share"] == "https://seafile.lan/d/674208019e314311ab5c/"
     assert source_for(s, "int8")["model_revision"] == COMMIT
+
+
+def test_every_setting_is_documented_once_with_its_default():
+    """inventories/gpu.py documents each setting with the default settings.py gives it."""
+    import ast
+    from dataclasses import fields
+
+    from operations.settings import ROOT, Settings
+
+    doc = ast.get_docstring(ast.parse((ROOT / "inventories" / "gpu.py").read_text()))
+    for field in fields(Settings):
+        if field.name == "host":
+            continue
+        assert f"\n    {field.name}" in doc or f", {field.name}" in doc, field.name
+        if isinstance(field.default, bool):
+            assert f"{field.name}={field.default}" in doc, field.name
