@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import hosts as labhosts
 from . import remotes
-from .rootfs import cache_dir, ensure_rootfs
+from .rootfs import cache_dir, ensure_rootfs, ensure_systemd_layer
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = Path(os.environ.get("CHATGLM_LAB_DIR", ROOT / ".lab"))
@@ -182,12 +182,15 @@ def write_inventory(state: dict, commits: dict, variants: dict, extra: dict | No
 
 
 def up(n_hosts: int = 2, variants: dict | None = None, gpus: dict | None = None,
-       extra: dict | None = None) -> Path:
+       extra: dict | None = None, systemd_hosts: tuple = ()) -> Path:
     """Bring the lab up with n_hosts fresh hosts h1..hN; return the inventory path.
 
     + variants: {host: variant}, default 'auto'
     + gpus: {host: simulated GPU} (see hosts._simulate_gpu)
     + extra: {host: more inventory data}
+    + systemd_hosts: more hosts, named hM with M > n_hosts, that boot systemd as PID 1 in a
+      network namespace of their own (hosts.start_systemd_host); on port FIRST_PORT+M-1 like
+      the others
     """
     LAB.mkdir(parents=True, exist_ok=True)
     state = load_state()
@@ -214,7 +217,17 @@ def up(n_hosts: int = 2, variants: dict | None = None, gpus: dict | None = None,
         state["hosts"].append(labhosts.start_host(
             name, labhosts.FIRST_PORT + OFFSET + i, rootfs, LAB, gpu=(gpus or {}).get(name)))
         save_state(state)
-    log(f"{n_hosts} hosts up in {time.time() - t0:.2f}s")
+    if systemd_hosts:
+        layer = ensure_systemd_layer(rootfs, log)
+        for name in systemd_hosts:
+            number = int(name[1:])
+            if number <= n_hosts:
+                raise ValueError(f"systemd host {name} clashes with the sshd hosts h1..h{n_hosts}")
+            state["hosts"].append(labhosts.start_systemd_host(
+                name, labhosts.FIRST_PORT + OFFSET + number - 1, rootfs, layer, LAB,
+                relay_ports=sorted(PORTS.values())))
+            save_state(state)
+    log(f"{n_hosts + len(systemd_hosts)} hosts up in {time.time() - t0:.2f}s")
     return write_inventory(state, commits, variants or {}, extra)
 
 
@@ -279,6 +292,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up")
     p_up.add_argument("--hosts", type=int, default=2)
+    p_up.add_argument("--systemd", default="", help="comma-separated systemd hosts, e.g. h30,h31")
     sub.add_parser("down")
     sub.add_parser("status")
     p_demo = sub.add_parser("demo")
@@ -287,7 +301,7 @@ def main(argv=None):
     if os.geteuid() != 0:
         sys.exit("the lab needs root (mounts, namespaces)")
     if args.cmd == "up":
-        print(up(args.hosts))
+        print(up(args.hosts, systemd_hosts=tuple(filter(None, args.systemd.split(",")))))
     elif args.cmd == "down":
         down()
     elif args.cmd == "status":

@@ -90,3 +90,53 @@ def ensure_rootfs(log=print) -> Path:
         if old != root and not old.name.endswith(".partial"):
             shutil.rmtree(old, ignore_errors=True)
     return root
+
+
+# The layer that makes a host boot systemd as PID 1 (lab/hosts.py, kind "systemd"): systemd,
+# its init symlinks and a system bus, installed over the rootfs once and cached beside it. The
+# hosts that use it mount it between the rootfs and their own upper layer.
+SYSTEMD_PACKAGES = ["systemd", "systemd-sysv", "dbus"]
+LAYER_VERSION = hashlib.sha256(" ".join([VERSION, *SYSTEMD_PACKAGES, "v1"]).encode()).hexdigest()[:12]
+
+
+def ensure_systemd_layer(rootfs: Path, log=print) -> Path:
+    """Return the systemd layer for rootfs (a directory to stack as an overlay lower layer),
+    building it when missing.
+
+    Built like the rootfs: an overlay over it whose upper directory becomes the layer, apt
+    in a chroot (policy-rc.d stays, so no package script starts a service here). apt's lists
+    are refreshed for systemd, so the deploy's packages are fetched again into the layer's
+    archive: the host's `apt-get install` must find the versions its lists name without a
+    network (a systemd host has loopback only). ssh.service is enabled, for sshd runs as a unit.
+    """
+    layer = cache_dir() / f"systemd-layer-{LAYER_VERSION}"
+    if (layer / ".lab-ready").exists():
+        return layer / "tree"
+    staging = layer.with_name(layer.name + ".partial")
+    merged = staging / "merged"
+    if staging.exists():
+        for mount in (merged / "proc", merged):
+            subprocess.run(["umount", "-l", str(mount)], stderr=subprocess.DEVNULL)
+        shutil.rmtree(staging)
+    for d in ("tree", "work", "merged"):
+        (staging / d).mkdir(parents=True)
+    log(f"lab: building the systemd layer in {staging} (once)")
+    _run(["mount", "-t", "overlay", "overlay", "-o",
+          f"lowerdir={rootfs},upperdir={staging / 'tree'},workdir={staging / 'work'}", str(merged)])
+    try:
+        _chroot(merged, f"""
+            apt-get update -qq
+            apt-get install -y -qq --no-install-recommends {' '.join(SYSTEMD_PACKAGES)} >/dev/null
+            apt-get clean
+            apt-get install -y -qq --download-only --no-install-recommends {' '.join(DEPLOY_PACKAGES)} >/dev/null
+            systemctl enable ssh.service
+            # Nothing on a lab host needs a login prompt on the container's console.
+            systemctl mask console-getty.service getty@tty1.service
+        """)
+    finally:
+        _run(["umount", str(merged)])
+    shutil.rmtree(staging / "work")
+    (staging / "merged").rmdir()
+    (staging / ".lab-ready").write_text(LAYER_VERSION + "\n")
+    staging.rename(layer)
+    return layer / "tree"
