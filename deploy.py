@@ -12,7 +12,8 @@ from pathlib import Path
 
 from pyinfra import host, inventory, state
 
-from operations import cuda_libs, factcache, gpu, gpu_kernels, kernel, model, preflight, pyenv, pyplan, smoke, system
+from operations import (cuda_libs, factcache, gpu, gpu_kernels, kernel, model, preflight, pyenv, pyplan, serve,
+                        smoke, system)
 from operations.common import cached_argument_types, quick_operation_order, ssh_nodelay
 from operations.report import FleetReport
 from operations.settings import ROOT, settings_for, source_for
@@ -64,6 +65,11 @@ preflight.check_sources(host.name, s, src if "model" in stages else None, py)
 if "model" in stages:
     model.check_resources(name="Model: disk space", s=s, variant=variant,
                           model_dir=s.model_dir(variant))
+
+serving = "serve" in stages and "model" in stages  # settings_for refuses serve without model
+if serving:
+    # A port held by another program (or no systemd) fails the host here, before any change.
+    serve.check_port(name="Serve: systemd, and the port is free", s=s)
 
 if "system" in stages:
     system.base_packages(name="System: base packages")
@@ -119,6 +125,23 @@ if "model" in stages:
                   revision=src["model_revision"], device=device)
         smoke.fetch(name="Smoke: fetch result", s=s,
                     local_dir=str(state.chatglm_report.report_dir / "hosts"))
+
+    if serving:
+        device = "cuda" if plan["gpu"] else "cpu"
+        where = dict(variant=variant, model_dir=model_dir, revision=src["model_revision"], device=device)
+        serve.install(name="Serve: user and server code", s=s)
+        serve.config(name="Serve: config and unit", s=s, **where)
+        serve.api_key(name="Serve: API key", s=s)
+        planned = serve.planned_fingerprint(s, **where)
+        serve.service(name="Serve: service enabled, running what is deployed", s=s,
+                      fingerprint=planned["fingerprint"], unit_sha1=planned["unit_sha1"])
+        result = f"{s.install_dir}/serve/ready.json"
+        serve.ready(name="Serve: ready on /health", s=s, fingerprint=planned["fingerprint"],
+                    result_path=result)
+        serve.fetch_key(name="Serve: bring the API key back", s=s,
+                        local_path=str(state.chatglm_report.report_dir / "keys" / f"{host.name}.key"))
+        serve.fetch_result(name="Serve: fetch result", s=s, result_path=result,
+                           local_dir=str(state.chatglm_report.report_dir / "serve"))
 
 # Facts served from the prefetch are read live once this host's first command runs.
 state.chatglm_facts.watch(state, host)

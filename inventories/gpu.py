@@ -81,12 +81,32 @@ GPU stack (resolved from data/compat.toml when unset):
                               hosts) is below data/models.toml's figure for the variant
     build_gpu_kernels=True    build int4/int8 GPU kernels on hosts whose GPU upstream's
                               embedded kernels do not cover (sm_90 and newer)
-    stages="all"              or a comma list of gpu,system,python,cuda_libs,model,kernel,smoke
+    stages="all"              or a comma list of gpu,system,python,cuda_libs,model,kernel,smoke,serve
 
 Smoke test and report:
     smoke_test=True           run a chat on every host, bring the figures back
     smoke_max_new_tokens=64   cap per answer (0 = the model's own default)
     report_dir="reports"      where fleet.md and hosts/<host>.json are written
+
+Serving (the serve stage: runtime/server.py as the systemd unit chatglm-server.service,
+run by serve_user, hardened; needs systemd as PID 1 and the model stage in the same run):
+    serve_host="127.0.0.1"    address the API listens on: an IP address ("0.0.0.0" = every
+                              interface). Every address, loopback included, requires the API
+                              key: so a non-loopback address needs no more settings
+    serve_port=8000           TCP port, 1-65535; a port held by another program fails the host
+                              before anything on it changes, naming the program
+    serve_api_key=""          the Bearer key clients send (16+ characters, no spaces); "" = 32
+                              random bytes generated on the host at the first deploy, kept there
+                              (/etc/chatglm/api.key, 0600) and brought back to
+                              <report_dir>/keys/<host>.key (0600). Never printed
+    serve_queue=32            requests waiting for the model; one more answers 429
+    serve_max_batch=8         answers generated at once (continuous batching)
+    serve_max_prompt_tokens=1536  cap on a conversation's tokens (400 above it)
+    serve_max_tokens=512      cap on an answer's new tokens (400 above it)
+    serve_backend="auto"      auto | engine | stream_chat (runtime/server.py)
+    serve_drain_s=30          on a restart, seconds in-flight requests may still finish
+    serve_ready_timeout_s=600 after a (re)start, how long to wait for GET /health to be ready
+    serve_user="chatglm"      the unprivileged system user the service runs as
 
 Run:
     batch_facts=True          read the facts a host read last time in one SSH command

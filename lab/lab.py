@@ -22,6 +22,8 @@ from pathlib import Path
 
 from . import hosts as labhosts
 from . import remotes
+from operations.settings import STAGES
+
 from .rootfs import cache_dir, ensure_rootfs, ensure_systemd_layer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,6 +172,9 @@ def write_inventory(state: dict, commits: dict, variants: dict, extra: dict | No
     for h in state["hosts"]:
         data = {**common, "ssh_port": h["port"], "variant": variants.get(h["name"], "auto"),
                 **(extra or {}).get(h["name"], {})}
+        if h.get("kind") != "systemd":
+            # No init on an sshd-as-PID-1 host: every stage but serve, unless the test says.
+            data.setdefault("stages", ",".join(s for s in STAGES if s != "serve"))
         if data["variant"] == "fp16":
             # The fixture is 0.5 MB; data/models.toml's 32 GB of RAM is the real model's.
             data.setdefault("check_memory", False)

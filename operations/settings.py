@@ -16,7 +16,7 @@ from pyinfra.api.exceptions import PyinfraError
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 VARIANTS = ("fp16", "int8", "int4")
-STAGES = ("gpu", "system", "python", "cuda_libs", "model", "kernel", "smoke")
+STAGES = ("gpu", "system", "python", "cuda_libs", "model", "kernel", "smoke", "serve")
 
 
 class SettingError(PyinfraError):
@@ -90,6 +90,17 @@ class Settings:
     batch_facts: bool = True
     smoke_max_new_tokens: int = 64
     report_dir: str = "reports"
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8000
+    serve_api_key: str = ""
+    serve_queue: int = 32
+    serve_max_batch: int = 8
+    serve_max_prompt_tokens: int = 1536
+    serve_max_tokens: int = 512
+    serve_backend: str = "auto"
+    serve_drain_s: int = 30
+    serve_ready_timeout_s: int = 600
+    serve_user: str = "chatglm"
 
     @property
     def stage_list(self) -> list[str]:
@@ -199,6 +210,9 @@ def settings_for(host) -> Settings:
     from .pyplan import check_settings  # the Python settings (backend, lock, mirrors)
 
     check_settings(s)
+    from .serve import check_settings as check_serve
+
+    check_serve(s)
     for name in ("weights_share", "seafile_url", "weights_mirror", "code_url", "model_url",
                  "cuda_repo_url"):
         if getattr(s, name):

@@ -48,6 +48,10 @@ GPUS.update({"h18": {"gpus": [H100]},
              "h19": {"gpus": [{**H100, "name": "NVIDIA small", "memory_mib": 6144,
                                "device_id": "0x1f99"}]},
              "h21": {"gpus": [H100]}})
+# h30, h31: hosts that boot systemd as PID 1, each in a netns of its own (lab.hosts,
+# kind "systemd"), for the serve stage (tests/test_serve_lab.py): h30 takes the deploy, h31
+# stays fresh for the checks made before any host is touched.
+SYSTEMD_HOSTS = ("h30", "h31")
 
 
 class Lab:
@@ -90,8 +94,9 @@ def lab():
     # Up twice: the second replaces the first's hosts and keeps its stand-ins.
     first = labmod.up(1)
     first_pid = labmod.load_state()["hosts"][0]["pid"]
-    inventory = labmod.up(len(HOSTS), variants={"h1": "auto", "h2": "int8", "h3": "int4", "h11": "fp16"},
-                          gpus=GPUS, extra=GPU_DATA)
+    inventory = labmod.up(len(HOSTS), variants={"h1": "auto", "h2": "int8", "h3": "int4", "h11": "fp16",
+                                                "h30": "int4", "h31": "int4"},
+                          gpus=GPUS, extra=GPU_DATA, systemd_hosts=SYSTEMD_HOSTS)
     assert inventory == first and not labhosts._alive(first_pid)
     state = labmod.load_state()
     try:

@@ -1,0 +1,400 @@
+"""The serve stage: the project's chat server (runtime/server.py) as a systemd service.
+
+On each host: a dedicated unprivileged system user; runtime/ copied to <install_dir>/runtime;
+/etc/chatglm/server.toml rendered from templates/server.toml.j2; an API key (from the
+inventory, or generated on the host at first deploy and brought back to
+<report_dir>/keys/<host>.key, mode 0600); a hardened unit from templates/chatglm-server.service.j2,
+enabled at boot. The service restarts only when what it runs changed: a fingerprint of the
+server code, the config, the unit, the model's files (the quantization patch and the built
+kernels live there), the env's lock and the inventory's key is kept on the host, and a
+different one restarts the service. After a (re)start the deploy waits for GET /health
+(templates/serve_ready.py) and brings the figures back for the fleet report.
+"""
+
+import hashlib
+import io
+import ipaddress
+import os
+import re
+import shlex
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import FactBase, FunctionCommand, StringCommand, operation
+from pyinfra.api.command import FileUploadCommand
+from pyinfra.api.util import get_template
+from pyinfra.operations import files, server, systemd
+
+from .common import fail
+from .settings import DATA, ROOT, Settings, SettingError
+from .smoke import FileSha1, ModelFiles
+
+UNIT = "chatglm-server.service"
+CONFIG_DIR = "/etc/chatglm"
+CONFIG = f"{CONFIG_DIR}/server.toml"
+KEY = f"{CONFIG_DIR}/api.key"
+FINGERPRINT = f"{CONFIG_DIR}/fingerprint"
+UNIT_PATH = f"/etc/systemd/system/{UNIT}"
+STATE_DIR = "/var/lib/chatglm"  # the service's only writable place (its home, HF module cache)
+TEMPLATES = ROOT / "templates"
+RUNTIME = ROOT / "runtime"
+BACKENDS = ("auto", "engine", "stream_chat")
+USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+def check_settings(s: Settings) -> None:
+    """The serve settings of one host, checked before any host is touched (settings_for)."""
+    if "serve" not in s.stage_list:
+        return
+    if "model" not in s.stage_list:
+        raise SettingError(s.host, "stages", f"= {s.stages!r} runs 'serve' without 'model'",
+                           "add 'model' to stages: the serve stage serves the model that stage "
+                           "resolves and checks (a converged model stage changes nothing)")
+    try:
+        address = ipaddress.ip_address(s.serve_host)
+    except ValueError:
+        address = None
+    if address is None and s.serve_host != "localhost":
+        raise SettingError(s.host, "serve_host", f"= {s.serve_host!r} is not an IP address",
+                           "use the address to listen on: '127.0.0.1' (this host only), "
+                           "'0.0.0.0' (every interface) or one interface's address")
+    if not 1 <= s.serve_port <= 65535:
+        raise SettingError(s.host, "serve_port", f"= {s.serve_port} is outside 1-65535",
+                           "use a free TCP port such as 8000")
+    if s.serve_api_key and (len(s.serve_api_key) < 16 or any(c.isspace() for c in s.serve_api_key)):
+        raise SettingError(s.host, "serve_api_key", "is shorter than 16 characters or holds spaces",
+                           "use a long random key without spaces, or '' to have one generated "
+                           "on the host")
+    for name in ("serve_queue", "serve_max_batch", "serve_max_prompt_tokens", "serve_max_tokens",
+                 "serve_ready_timeout_s"):
+        if getattr(s, name) < 1:
+            raise SettingError(s.host, name, f"= {getattr(s, name)} is below 1", "use a positive number")
+    if s.serve_drain_s < 0:
+        raise SettingError(s.host, "serve_drain_s", f"= {s.serve_drain_s} is negative",
+                           "use the seconds in-flight requests may finish in on a restart (30)")
+    if s.serve_backend not in BACKENDS:
+        raise SettingError(s.host, "serve_backend", f"= {s.serve_backend!r} is unknown",
+                           f"use one of {', '.join(BACKENDS)}")
+    if not USER_NAME.match(s.serve_user) or s.serve_user == "root":
+        raise SettingError(s.host, "serve_user", f"= {s.serve_user!r} is not an unprivileged user name",
+                           "use a system user name such as 'chatglm' (created by the deploy)")
+
+
+# --- what the service runs, and its fingerprint ----------------------------------------------------
+
+def runtime_files() -> dict[str, bytes]:
+    """The server's code as it goes to the host: runtime/*.py (no caches)."""
+    return {p.name: p.read_bytes() for p in sorted(RUNTIME.glob("*.py"))}
+
+
+def fingerprint(parts: dict[str, str | bytes]) -> str:
+    """One hash of everything the running server depends on: a different value after a
+    deploy means the service must restart to run what is on the host now. Order-independent;
+    each part is length-prefixed, so no two different sets of parts hash alike."""
+    digest = hashlib.sha256()
+    for name in sorted(parts):
+        value = parts[name]
+        value = value.encode() if isinstance(value, str) else value
+        digest.update(f"{name}\0{len(value)}\0".encode())
+        digest.update(value)
+    return digest.hexdigest()[:32]
+
+
+def service_parts(s: Settings, config: str, unit: str, model_files: str, key_sha1: str) -> dict:
+    """The parts of the fingerprint: the server code, the config, the unit, the model's
+    files (name, size, mtime of each: weights, quantization.py and its patch, the built CPU
+    and GPU kernels), the env's lock and the key (only an inventory key: a generated one is
+    made once, and its making restarts the service)."""
+    lock = Path(s.requirements) if "/" in s.requirements else DATA / "requirements" / f"{s.requirements}.txt"
+    parts = {f"runtime/{n}": b for n, b in runtime_files().items()}
+    parts.update(config=config, unit=unit, model_files=model_files, key=key_sha1,
+                 lock=lock.read_bytes() if lock.is_file() else s.requirements)
+    return parts
+
+
+# --- facts -------------------------------------------------------------------------------------------
+
+class PortHolders(FactBase):
+    """Who listens on a TCP port: {"listening": bool, "holders": [[pid, command, ours]]}, ours
+    when the process runs in the chat server's unit (its cgroup names the unit). Also
+    {"systemd": bool}: whether PID 1 is systemd (the stage needs it)."""
+
+    def command(self, port, unit):
+        q = shlex.quote
+        return (f"[ -d /run/systemd/system ] && echo systemd=yes || echo systemd=no; "
+                f"ss -ltnH 'sport = :{int(port)}' 2>/dev/null | grep -q . && echo listening=yes; "
+                f"for p in $(ss -ltnpH 'sport = :{int(port)}' 2>/dev/null | grep -o 'pid=[0-9]*' "
+                f"| cut -d= -f2 | sort -u); do "
+                f"if grep -q {q(unit)} /proc/$p/cgroup 2>/dev/null; then o=ours; else o=other; fi; "
+                f"echo \"holder $p $o $(tr '\\0' ' ' < /proc/$p/cmdline | cut -c1-120)\"; done")
+
+    @staticmethod
+    def default():
+        return {"systemd": False, "listening": False, "holders": []}
+
+    def process(self, output):
+        found = {"systemd": False, "listening": False, "holders": []}
+        for line in output:
+            if line.startswith("systemd="):
+                found["systemd"] = line.endswith("yes")
+            elif line == "listening=yes":
+                found["listening"] = True
+            elif line.startswith("holder "):
+                _, pid, ours, *cmd = line.split(" ")
+                found["holders"].append([int(pid), " ".join(cmd).strip(), ours == "ours"])
+        return found
+
+
+class ServeState(FactBase):
+    """The service as the deploy left it, in one command: {"fingerprint": the one written
+    after its last ready (re)start, "unit": sha1 of the unit file, "key": "<sha1> <owner>
+    <mode>" of the key file, "active": systemctl is-active, "enabled": is-enabled} ('' when absent)."""
+
+    def command(self, unit):
+        q = shlex.quote
+        return (f"echo \"fingerprint $(cat {FINGERPRINT} 2>/dev/null)\"; "
+                f"echo \"unit $(sha1sum {UNIT_PATH} 2>/dev/null | cut -d' ' -f1)\"; "
+                f"echo \"key $(sha1sum {KEY} 2>/dev/null | cut -d' ' -f1) $(stat -c '%U %a' {KEY} 2>/dev/null)\"; "
+                f"echo \"active $(systemctl is-active {q(unit)} 2>/dev/null)\"; "
+                f"echo \"enabled $(systemctl is-enabled {q(unit)} 2>/dev/null)\"")
+
+    @staticmethod
+    def default():
+        return {"fingerprint": "", "unit": "", "key": "", "active": "", "enabled": ""}
+
+    def process(self, output):
+        found = self.default()
+        for line in output:
+            name, _, value = line.partition(" ")
+            if name in found:
+                found[name] = value.strip()
+        return found
+
+
+# --- operations ----------------------------------------------------------------------------------
+
+@operation()
+def check_port(s: Settings):
+    """
+    Fail this host, before anything is changed on it, when it cannot run the service: PID 1
+    is not systemd, or serve_port is held by a program other than the chat server's unit.
+
+    + s: the host's settings (serve_port, serve_host)
+    """
+    seen = host.get_fact(PortHolders, port=s.serve_port, unit=UNIT)
+    if not seen["systemd"]:
+        yield fail(f"serve: this host does not run systemd as PID 1, which the serve stage needs "
+                   f"for {UNIT}. Fix: boot it with systemd, or leave 'serve' out of stages")
+        return
+    others = [h for h in seen["holders"] if not h[2]]
+    if seen["listening"] and (others or not seen["holders"]):
+        what = "; ".join(f"pid {pid}: {cmd}" for pid, cmd, _ in others) or "a process this check cannot see"
+        yield fail(f"serve: port {s.serve_port} (setting 'serve_port') is in use by {what}. Fix: stop "
+                   f"that program or set serve_port to a free port")
+        return
+    host.noop(f"port {s.serve_port} is free" if not seen["listening"] else
+              f"port {s.serve_port} is held by {UNIT} itself")
+
+
+@operation()
+def install(s: Settings):
+    """
+    The service's user and code: a system user without a login or home of its own
+    (serve_user, home STATE_DIR which systemd creates for the unit), runtime/*.py in
+    <install_dir>/runtime (root's, read-only to the service).
+
+    + s: the host's settings (serve_user, install_dir)
+    """
+    yield from server.user._inner(user=s.serve_user, system=True, home=STATE_DIR,
+                                  shell="/usr/sbin/nologin", ensure_home=False)
+    dest = f"{s.install_dir}/runtime"
+    yield from files.directory._inner(path=dest, user="root", group="root", mode="755")
+    for name, body in runtime_files().items():
+        yield from files.put._inner(src=io.BytesIO(body), dest=f"{dest}/{name}", user="root",
+                                    group="root", mode="644")
+
+
+def _key_sha1(s: Settings) -> str:
+    return hashlib.sha1((s.serve_api_key + "\n").encode()).hexdigest() if s.serve_api_key else ""
+
+
+@operation()
+def api_key(s: Settings):
+    """
+    The API key the server requires (Bearer) in /etc/chatglm/api.key, the service user's,
+    mode 0600: serve_api_key from the inventory, or 32 random bytes made on the host when
+    there is none. Never printed: not in --diff, not in a command line.
+
+    + s: the host's settings (serve_api_key, serve_user)
+    """
+    seen = host.get_fact(ServeState, unit=UNIT)
+    want_owner = f"{s.serve_user} 600"
+    sha1, _, owner = seen["key"].partition(" ")
+    if s.serve_api_key:
+        if sha1 == _key_sha1(s) and owner == want_owner:
+            host.noop("the inventory's API key is in place")
+            return
+        # Uploaded into a directory only root can enter, then moved over the key: the key is
+        # never readable by anyone else, nor part of a command (pyinfra logs commands) or diff.
+        private = f"{CONFIG_DIR}/.key-upload"
+        yield f"install -d -m 700 -o root -g root {private}"
+        yield FileUploadCommand(io.BytesIO((s.serve_api_key + "\n").encode()), f"{private}/key",
+                                remote_temp_filename=f"{private}/key.tmp")
+        yield (f"chown {s.serve_user}:{s.serve_user} {private}/key && chmod 600 {private}/key && "
+               f"mv {private}/key {KEY} && rmdir {private}")
+        return
+    if sha1:
+        if owner == want_owner:
+            host.noop("the API key generated at the first deploy is in place")
+            return
+        yield f"chown {s.serve_user}:{s.serve_user} {KEY} && chmod 600 {KEY}"
+        return
+    # 32 bytes of the kernel's randomness as hex: one line without spaces, as the server wants.
+    yield (f"umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \\n' > {KEY}.new && echo >> {KEY}.new "
+           f"&& chown {s.serve_user}:{s.serve_user} {KEY}.new && mv {KEY}.new {KEY}")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """A file only its owner can read, written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _fetch_key(state, host, remote: str, local: str):
+    buffer = io.BytesIO()
+    host.get_file(remote, buffer)
+    _write_private(Path(local), buffer.getvalue())
+    return True
+
+
+@operation()
+def fetch_key(s: Settings, local_path: str):
+    """
+    Bring the host's API key to the control machine (local_path, mode 0600, its folder 0700),
+    so that clients can be given it; compared by sha1 first.
+
+    + s: the host's settings
+    + local_path: where the key goes on this machine (<report_dir>/keys/<host>.key)
+    """
+    remote = host.get_fact(FileSha1, path=KEY)
+    local = Path(local_path)
+    if remote and local.is_file() and hashlib.sha1(local.read_bytes()).hexdigest() == remote \
+            and (local.stat().st_mode & 0o777) == 0o600:
+        host.noop(f"{local} holds the host's API key")
+        return
+    yield FunctionCommand(_fetch_key, (KEY, str(local)), {})
+
+
+@operation()
+def config(s: Settings, variant: str, model_dir: str, revision: str, device: str):
+    """
+    /etc/chatglm/server.toml from templates/server.toml.j2 (readable by the service's group
+    only), and the unit from templates/chatglm-server.service.j2.
+
+    + s: the host's settings (serve_*)
+    + variant: fp16, int8 or int4
+    + model_dir: the model checkout the server loads
+    + revision: the model's pinned commit, reported by /health
+    + device: 'cuda' or 'cpu'
+    """
+    values = _template_values(s, variant, model_dir, revision, device)
+    yield from files.directory._inner(path=CONFIG_DIR, user="root", group="root", mode="755")
+    yield from files.template._inner(src=str(TEMPLATES / "server.toml.j2"), dest=CONFIG,
+                                     user="root", group=s.serve_user, mode="640", **values)
+    yield from files.template._inner(src=str(TEMPLATES / "chatglm-server.service.j2"), dest=UNIT_PATH,
+                                     user="root", group="root", mode="644", **values)
+
+
+def _template_values(s: Settings, variant: str, model_dir: str, revision: str, device: str) -> dict:
+    return dict(s=s, variant=variant, model_dir=model_dir, revision=revision, device=device,
+                config=CONFIG, key=KEY, state_dir=STATE_DIR)
+
+
+def planned_fingerprint(s: Settings, variant: str, model_dir: str, revision: str, device: str) -> dict:
+    """What this run will leave on the host: {"fingerprint", "unit_sha1"}."""
+    values = _template_values(s, variant, model_dir, revision, device)
+    config_text = get_template(str(TEMPLATES / "server.toml.j2")).render(**values)
+    unit_text = get_template(str(TEMPLATES / "chatglm-server.service.j2")).render(**values)
+    model_files = host.get_fact(ModelFiles, path=model_dir)
+    return {"fingerprint": fingerprint(service_parts(s, config_text, unit_text, model_files, _key_sha1(s))),
+            "unit_sha1": hashlib.sha1(unit_text.encode()).hexdigest()}
+
+
+@operation()
+def service(s: Settings, fingerprint: str, unit_sha1: str):
+    """
+    The unit enabled at boot and running; restarted only when the fingerprint of what it runs
+    differs from the one kept on the host (a generated key made in this run counts too);
+    systemd re-reads the unit only when its file changes.
+
+    + s: the host's settings
+    + fingerprint: planned_fingerprint's value for this run
+    + unit_sha1: sha1 of the unit file this run writes
+    """
+    seen = host.get_fact(ServeState, unit=UNIT)
+    stale = seen["fingerprint"] != fingerprint or not seen["key"].split(" ")[0]
+    active = seen["active"] == "active"
+    yield from systemd.service._inner(service=UNIT, running=True, enabled=True,
+                                      restarted=stale and active,
+                                      daemon_reload=seen["unit"] != unit_sha1)
+
+
+@operation()
+def ready(s: Settings, fingerprint: str, result_path: str):
+    """
+    After a (re)start: wait for GET /health to answer ready (at most serve_ready_timeout_s;
+    on timeout or a crash loop the host fails with the unit's journal tail), then keep the
+    fingerprint and the figures (endpoint, health, seconds from unit start to ready) in
+    result_path on the host. Nothing to do when the service ran this fingerprint already.
+
+    + s: the host's settings
+    + fingerprint: this run's planned fingerprint
+    + result_path: the JSON file on the host the figures go to
+    """
+    seen = host.get_fact(ServeState, unit=UNIT)
+    if seen["fingerprint"] == fingerprint and seen["active"] == "active" and seen["key"].split(" ")[0]:
+        host.noop(f"{UNIT} runs this fingerprint already")
+        return
+    script = f"{s.install_dir}/serve/ready.py"
+    yield from files.directory._inner(path=f"{s.install_dir}/serve", user="root", group="root", mode="755")
+    yield from files.put._inner(src=str(TEMPLATES / "serve_ready.py"), dest=script, user="root",
+                                group="root", mode="644")
+    # Ask on loopback whatever the listening address: 0.0.0.0 and :: answer there too.
+    ask = "127.0.0.1" if s.serve_host in ("0.0.0.0", "localhost") else ("::1" if s.serve_host == "::" else s.serve_host)
+    url = f"http://{'[' + ask + ']' if ':' in ask else ask}:{s.serve_port}/health"
+    endpoint = f"http://{'[' + s.serve_host + ']' if ':' in s.serve_host else s.serve_host}:{s.serve_port}"
+    yield StringCommand("python3", script, "--url", url, "--endpoint", endpoint, "--unit", UNIT,
+                        "--timeout", str(s.serve_ready_timeout_s), "--fingerprint", fingerprint,
+                        "--fingerprint-file", FINGERPRINT, "--result", result_path)
+
+
+@operation()
+def fetch_result(s: Settings, result_path: str, local_dir: str):
+    """
+    Bring the host's serve figures back for the fleet report (<report_dir>/serve/<host>.json).
+
+    + s: the host's settings
+    + result_path: the JSON on the host
+    + local_dir: the control-side folder
+    """
+    dest = Path(local_dir) / f"{host.name}.json"
+    remote = host.get_fact(FileSha1, path=result_path)
+    if remote and dest.is_file() and hashlib.sha1(dest.read_bytes()).hexdigest() == remote:
+        host.noop(f"{dest} is the host's serve result")
+        return
+    yield FunctionCommand(_fetch_result, (result_path, str(dest)), {})
+
+
+def _fetch_result(state, host, remote: str, local: str):
+    buffer = io.BytesIO()
+    host.get_file(remote, buffer)
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    Path(local).write_bytes(buffer.getvalue())
+    return True

@@ -1,0 +1,140 @@
+"""The serve stage's pieces without a host: settings checks, the fingerprint, the templates."""
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from operations import serve
+from operations.settings import SettingError, Settings, settings_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeHost:
+    def __init__(self, **data):
+        self.name = "h1"
+        self.data = data
+
+
+def error_of(**data) -> str:
+    with pytest.raises(SettingError) as info:
+        settings_for(FakeHost(**data))
+    return str(info.value)
+
+
+def test_defaults_pass_and_serve_is_a_default_stage():
+    s = settings_for(FakeHost())
+    assert "serve" in s.stage_list and (s.serve_host, s.serve_port, s.serve_api_key) == ("127.0.0.1", 8000, "")
+
+
+@pytest.mark.parametrize("data, setting, words", [
+    ({"serve_port": 0}, "serve_port", "outside 1-65535"),
+    ({"serve_port": 65536}, "serve_port", "outside 1-65535"),
+    ({"serve_port": "8000"}, "serve_port", "not a number"),
+    ({"serve_host": "gpu-01.example"}, "serve_host", "not an IP address"),
+    ({"serve_api_key": "short"}, "serve_api_key", "shorter than 16"),
+    ({"serve_api_key": "a key with spaces in it"}, "serve_api_key", "spaces"),
+    ({"serve_backend": "vllm"}, "serve_backend", "unknown"),
+    ({"serve_user": "root"}, "serve_user", "unprivileged"),
+    ({"serve_queue": 0}, "serve_queue", "below 1"),
+    ({"serve_drain_s": -1}, "serve_drain_s", "negative"),
+    ({"stages": "system,python,serve"}, "stages", "without 'model'"),
+    ({"serve_prot": 8001}, "serve_prot", "did you mean 'serve_port'"),
+])
+def test_bad_serve_settings_name_host_setting_and_fix(data, setting, words):
+    message = error_of(**data)
+    assert f"host 'h1': setting '{setting}'" in message and words in message and "Fix:" in message, message
+
+
+def test_a_non_loopback_address_needs_no_key_setting():
+    """Every address gets a key (the inventory's or one generated on the host), so listening
+    on every interface is accepted without serve_api_key."""
+    s = settings_for(FakeHost(serve_host="0.0.0.0"))
+    assert s.serve_host == "0.0.0.0" and s.serve_api_key == ""
+    # Serving off: its settings are not looked at.
+    settings_for(FakeHost(stages="system,python", serve_port=0))
+
+
+def test_fingerprint_is_order_free_and_sees_every_part():
+    parts = {"config": "a", "unit": "b", "model_files": "c", "lock": b"d", "key": ""}
+    fp = serve.fingerprint(parts)
+    assert fp == serve.fingerprint(dict(reversed(list(parts.items()))))
+    for name in parts:
+        assert serve.fingerprint({**parts, name: "changed"}) != fp, name
+    # Length-prefixed: moving a byte from one part to the next is a different fingerprint.
+    assert serve.fingerprint({"a": "xy", "b": "z"}) != serve.fingerprint({"a": "x", "b": "yz"})
+
+
+def parts(s, **change):
+    values = {"config": "cfg", "unit": "unit", "model_files": "m1", "key_sha1": ""}
+    values.update(change)
+    return serve.fingerprint(serve.service_parts(s, values["config"], values["unit"], values["model_files"],
+                                                 values["key_sha1"]))
+
+
+def test_what_the_service_runs_is_in_its_fingerprint(tmp_path, monkeypatch):
+    s = settings_for(FakeHost())
+    base = parts(s)
+    assert parts(s) == base
+    assert parts(s, model_files="m2") != base      # weights, quantization patch, kernels
+    assert parts(s, config="cfg2") != base
+    assert parts(s, unit="unit2") != base
+    assert parts(s, key_sha1="k") != base
+    lock = tmp_path / "lock.txt"
+    lock.write_text("torch==2.13.0\n")
+    other = dataclasses.replace(s, requirements=str(lock))
+    before = parts(other)
+    lock.write_text("torch==2.13.1\n")
+    assert parts(other) != before
+    code = tmp_path / "runtime"
+    code.mkdir()
+    (code / "server.py").write_text("v1")
+    monkeypatch.setattr(serve, "RUNTIME", code)
+    before = parts(s)
+    (code / "server.py").write_text("v2")
+    assert parts(s) != before
+
+
+def render(s, name, device="cpu"):
+    from pyinfra.api.util import get_template
+
+    values = serve._template_values(s, "int4", "/opt/chatglm/models/chatglm-6b-int4", "a" * 40, device)
+    return get_template(str(ROOT / "templates" / name)).render(**values)
+
+
+def test_config_is_what_the_server_accepts(tmp_path):
+    """The rendered server.toml goes through runtime.server's own settings loader."""
+    from runtime.server import settings_from_dict
+
+    s = settings_for(FakeHost(serve_host="0.0.0.0", serve_port=8123, serve_max_tokens=99, serve_drain_s=7))
+    data = tomllib.loads(render(s, "server.toml.j2"))
+    key = tmp_path / "api.key"
+    key.write_text("k" * 64 + "\n")
+    assert data["api_key_file"] == serve.KEY
+    loaded = settings_from_dict({**data, "api_key_file": str(key)})
+    assert (loaded.host, loaded.port, loaded.max_tokens, loaded.drain_timeout_s) == ("0.0.0.0", 8123, 99, 7.0)
+    assert loaded.api_key == "k" * 64 and loaded.model_commit == "a" * 40
+
+
+def test_unit_is_hardened_and_drains():
+    s = settings_for(FakeHost(serve_drain_s=20))
+    unit = render(s, "chatglm-server.service.j2")
+    lines = set(unit.splitlines())
+    for line in ("Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
+                 "PrivateTmp=yes", "KillSignal=SIGTERM", "TimeoutStopSec=35", "User=chatglm",
+                 "ReadOnlyPaths=/opt/chatglm", "ReadWritePaths=/var/lib/chatglm",
+                 "WantedBy=multi-user.target", "PrivateDevices=yes"):
+        assert line in lines, line
+    # A GPU host's server needs /dev/nvidia*.
+    assert "PrivateDevices=yes" not in render(s, "chatglm-server.service.j2", device="cuda")
+
+
+def test_port_holders_fact_output():
+    fact = serve.PortHolders()
+    seen = fact.process(["systemd=yes", "listening=yes", "holder 42 other python3 -m http.server 8000 ",
+                         "holder 7 ours /opt/chatglm/venv/bin/python -m runtime.server"])
+    assert seen == {"systemd": True, "listening": True,
+                    "holders": [[42, "python3 -m http.server 8000", False],
+                                [7, "/opt/chatglm/venv/bin/python -m runtime.server", True]]}
