@@ -86,11 +86,12 @@ if "gpu" in stages and plan["gpu"]:
     gpu.module(name="GPU: kernel module matches driver libraries", plan=plan,
                allow_reboot=s.allow_reboot)
 
+env_ops = []  # Python env operations: a change restarts the server (serve stage)
 if py:
     if py["backend"] == "conda":
         pyenv.conda(name="Python: conda installed (sha256-checked), .condarc", py=py)
     pyenv.env(name="Python: env with the planned Python, pip.conf", py=py)
-    pyenv.packages(name="Python: torch for the resolved CUDA and the pinned requirements", py=py)
+    env_ops.append(pyenv.packages(name="Python: torch for the resolved CUDA and the pinned requirements", py=py))
     pyenv.verify(name="Python: verify torch/transformers/cpm_kernels", py=py)
 
 if "cuda_libs" in stages and plan["gpu"]:
@@ -102,22 +103,23 @@ if "model" in stages:
     model_dir = s.model_dir(variant)
     model.clone(name="Model: clone ChatGLM-6B code", url=src["code_url"], dest=s.code_dir,
                 revision=src["code_revision"], allow_floating=s.allow_floating_revision)
-    model.clone(name="Model: clone the model repo", url=src["model_url"], dest=model_dir,
-                revision=src["model_revision"], allow_floating=s.allow_floating_revision)
-    model.weights(name="Model: weights", s=s, model_dir=model_dir,
-                  share=src["share"], share_path=src["share_path"], mirror=src.get("mirror", ""))
+    changing = []  # operations whose change means the server must restart
+    changing.append(model.clone(name="Model: clone the model repo", url=src["model_url"], dest=model_dir,
+                revision=src["model_revision"], allow_floating=s.allow_floating_revision))
+    changing.append(model.weights(name="Model: weights", s=s, model_dir=model_dir,
+                    share=src["share"], share_path=src["share_path"], mirror=src.get("mirror", "")))
 
     if "kernel" in stages and variant in ("int4", "int8"):
-        kernel.build(name="Kernel: build the CPU quantization kernel", model_dir=model_dir,
-                     cpus=resources["cpus"])
-        kernel.patch_quantization(name="Kernel: patch quantization.py", model_dir=model_dir,
-                                  cpus=resources["cpus"])
+        changing.append(kernel.build(name="Kernel: build the CPU quantization kernel", model_dir=model_dir,
+                                     cpus=resources["cpus"]))
+        changing.append(kernel.patch_quantization(name="Kernel: patch quantization.py", model_dir=model_dir,
+                                                  cpus=resources["cpus"]))
         caps = gpu_kernels.needs_own_kernels(plan)
         if caps and s.build_gpu_kernels:
-            gpu_kernels.build(name="Kernel: build GPU kernels for this GPU", model_dir=model_dir,
-                              caps=caps)
-            gpu_kernels.patch(name="Kernel: quantization.py loads the GPU kernels",
-                              model_dir=model_dir, caps=caps)
+            changing.append(gpu_kernels.build(name="Kernel: build GPU kernels for this GPU",
+                                              model_dir=model_dir, caps=caps))
+            changing.append(gpu_kernels.patch(name="Kernel: quantization.py loads the GPU kernels",
+                                              model_dir=model_dir, caps=caps))
 
     if "smoke" in stages and s.smoke_test:
         device = "cuda" if plan["gpu"] else "cpu"
@@ -133,11 +135,15 @@ if "model" in stages:
         serve.config(name="Serve: config and unit", s=s, **where)
         serve.api_key(name="Serve: API key", s=s)
         planned = serve.planned_fingerprint(s, **where)
+        # The model, its kernels or the env changed in this run: what the host has when the
+        # service starts is not what the facts read at the start of the run saw.
+        restart = any(op.will_change for op in changing + env_ops)
         serve.service(name="Serve: service enabled, running what is deployed", s=s,
-                      fingerprint=planned["fingerprint"], unit_sha1=planned["unit_sha1"])
+                      fingerprint=planned["fingerprint"], unit_sha1=planned["unit_sha1"],
+                      model_dir=model_dir, changing=restart)
         result = f"{s.install_dir}/serve/ready.json"
         serve.ready(name="Serve: ready on /health", s=s, fingerprint=planned["fingerprint"],
-                    result_path=result)
+                    result_path=result, model_dir=model_dir, changing=restart)
         serve.fetch_key(name="Serve: bring the API key back", s=s,
                         local_path=str(state.chatglm_report.report_dir / "keys" / f"{host.name}.key"))
         serve.fetch_result(name="Serve: fetch result", s=s, result_path=result,

@@ -179,14 +179,38 @@ def write(report_dir: Path, failures: dict[str, dict], hosts: list[str] | None =
         for name, f in sorted(failures.items()):
             lines.append(f"| {name} | {_cell(f.get('stage'), 120)} | {_cell(f.get('error'))} |")
         lines.append("")
+    serving = _serving(report_dir, names)
+    if serving:
+        lines += ["## Serving", "",
+                  "| host | endpoint | health | variant | device | model commit | unit start to ready (s) | ready at |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, r in serving.items():
+            h = r.get("health") or {}
+            lines.append(f"| {name} | {_cell(r.get('endpoint', '-'), 80)} | {_cell(h.get('status', '-'), 40)} "
+                         f"| {h.get('variant', '-')} | {h.get('device', '-')} | {_cell(h.get('model_commit') or '-', 12)} "
+                         f"| {_num(r.get('ready_s'))} | {r.get('ready_at', '-')} |")
+        lines.append("")
     lines += ["## Hosts", "", *details]
     out = report_dir / "fleet.md"
     out.write_text("\n".join(lines))
     (report_dir / "fleet.json").write_text(json.dumps(
-        {"hosts": {n: shown[n] for n in names},
+        {"hosts": {n: shown[n] for n in names}, "serve": serving,
          "failed": {n: {k: v for k, v in f.items() if k != "result"} for n, f in failures.items()}},
         ensure_ascii=False, indent=1))
     return out
+
+
+def _serving(report_dir: Path, names: list[str]) -> dict:
+    """The serve stage's figures per host (operations/serve.ready, fetched to serve/<host>.json):
+    as of the service's last (re)start by the deploy."""
+    found = {}
+    for name in names:
+        path = report_dir / "serve" / f"{name}.json"
+        try:
+            found[name] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 class HostLog(logging.Handler):

@@ -102,16 +102,26 @@ def fingerprint(parts: dict[str, str | bytes]) -> str:
     return digest.hexdigest()[:32]
 
 
-def service_parts(s: Settings, config: str, unit: str, model_files: str, key_sha1: str) -> dict:
-    """The parts of the fingerprint: the server code, the config, the unit, the model's
-    files (name, size, mtime of each: weights, quantization.py and its patch, the built CPU
-    and GPU kernels), the env's lock and the key (only an inventory key: a generated one is
-    made once, and its making restarts the service)."""
+def service_parts(s: Settings, config: str, unit: str, key_sha1: str) -> dict:
+    """The parts of the fingerprint known on this machine: the server code, the config, the
+    unit, the env's lock and the key (only an inventory key: a generated one is made once,
+    and its making restarts the service). The model's files are the host's part
+    (host_fingerprint)."""
     lock = Path(s.requirements) if "/" in s.requirements else DATA / "requirements" / f"{s.requirements}.txt"
     parts = {f"runtime/{n}": b for n, b in runtime_files().items()}
-    parts.update(config=config, unit=unit, model_files=model_files, key=key_sha1,
+    parts.update(config=config, unit=unit, key=key_sha1,
                  lock=lock.read_bytes() if lock.is_file() else s.requirements)
     return parts
+
+
+def host_fingerprint(control: str, model_files: str) -> str:
+    """What the host keeps after a ready (re)start: the control side's fingerprint and
+    smoke.ModelFiles' hash of the model checkout (name, size, mtime of each file at its top:
+    weights, quantization.py and its patch, the built CPU and GPU kernels), as the host had
+    them when the service started. The model part is computed on the host when the service
+    (re)starts, after this run's model and kernel operations, not from what was there when
+    the run began."""
+    return f"{control} {model_files}"
 
 
 # --- facts -------------------------------------------------------------------------------------------
@@ -322,32 +332,41 @@ def planned_fingerprint(s: Settings, variant: str, model_dir: str, revision: str
     values = _template_values(s, variant, model_dir, revision, device)
     config_text = get_template(str(TEMPLATES / "server.toml.j2")).render(**values)
     unit_text = get_template(str(TEMPLATES / "chatglm-server.service.j2")).render(**values)
-    model_files = host.get_fact(ModelFiles, path=model_dir)
-    return {"fingerprint": fingerprint(service_parts(s, config_text, unit_text, model_files, _key_sha1(s))),
+    return {"fingerprint": fingerprint(service_parts(s, config_text, unit_text, _key_sha1(s))),
             "unit_sha1": hashlib.sha1(unit_text.encode()).hexdigest()}
 
 
+def _stale(s: Settings, fingerprint: str, model_dir: str, changing: bool) -> bool:
+    """Whether the service must (re)start: what it runs differs from what it last started
+    with, an operation before it in this run changes the model or the env, or the key is
+    missing (made in this run)."""
+    seen = host.get_fact(ServeState, unit=UNIT)
+    model_files = host.get_fact(ModelFiles, path=model_dir)
+    return (changing or seen["fingerprint"] != host_fingerprint(fingerprint, model_files)
+            or not seen["key"].split(" ")[0] or seen["active"] != "active")
+
+
 @operation()
-def service(s: Settings, fingerprint: str, unit_sha1: str):
+def service(s: Settings, fingerprint: str, unit_sha1: str, model_dir: str, changing: bool = False):
     """
-    The unit enabled at boot and running; restarted only when the fingerprint of what it runs
-    differs from the one kept on the host (a generated key made in this run counts too);
+    The unit enabled at boot and running; restarted only when what it runs changed (_stale);
     systemd re-reads the unit only when its file changes.
 
     + s: the host's settings
     + fingerprint: planned_fingerprint's value for this run
     + unit_sha1: sha1 of the unit file this run writes
+    + model_dir: the model checkout the server loads
+    + changing: an operation before this one in this run changes the model, its kernels or the env
     """
     seen = host.get_fact(ServeState, unit=UNIT)
-    stale = seen["fingerprint"] != fingerprint or not seen["key"].split(" ")[0]
     active = seen["active"] == "active"
     yield from systemd.service._inner(service=UNIT, running=True, enabled=True,
-                                      restarted=stale and active,
+                                      restarted=active and _stale(s, fingerprint, model_dir, changing),
                                       daemon_reload=seen["unit"] != unit_sha1)
 
 
 @operation()
-def ready(s: Settings, fingerprint: str, result_path: str):
+def ready(s: Settings, fingerprint: str, result_path: str, model_dir: str, changing: bool = False):
     """
     After a (re)start: wait for GET /health to answer ready (at most serve_ready_timeout_s;
     on timeout or a crash loop the host fails with the unit's journal tail), then keep the
@@ -357,10 +376,11 @@ def ready(s: Settings, fingerprint: str, result_path: str):
     + s: the host's settings
     + fingerprint: this run's planned fingerprint
     + result_path: the JSON file on the host the figures go to
+    + model_dir: the model checkout the server loads
+    + changing: an operation before this one in this run changes the model, its kernels or the env
     """
-    seen = host.get_fact(ServeState, unit=UNIT)
-    if seen["fingerprint"] == fingerprint and seen["active"] == "active" and seen["key"].split(" ")[0]:
-        host.noop(f"{UNIT} runs this fingerprint already")
+    if not _stale(s, fingerprint, model_dir, changing):
+        host.noop(f"{UNIT} runs what is deployed")
         return
     script = f"{s.install_dir}/serve/ready.py"
     yield from files.directory._inner(path=f"{s.install_dir}/serve", user="root", group="root", mode="755")
@@ -370,8 +390,11 @@ def ready(s: Settings, fingerprint: str, result_path: str):
     ask = "127.0.0.1" if s.serve_host in ("0.0.0.0", "localhost") else ("::1" if s.serve_host == "::" else s.serve_host)
     url = f"http://{'[' + ask + ']' if ':' in ask else ask}:{s.serve_port}/health"
     endpoint = f"http://{'[' + s.serve_host + ']' if ':' in s.serve_host else s.serve_host}:{s.serve_port}"
+    # The model's part of the fingerprint as the host has it now, after this run's changes.
+    model_files = ModelFiles().command(model_dir)
     yield StringCommand("python3", script, "--url", url, "--endpoint", endpoint, "--unit", UNIT,
-                        "--timeout", str(s.serve_ready_timeout_s), "--fingerprint", fingerprint,
+                        "--timeout", str(s.serve_ready_timeout_s),
+                        "--fingerprint", f'"{host_fingerprint(fingerprint, "")}$({model_files})"',
                         "--fingerprint-file", FINGERPRINT, "--result", result_path)
 
 

@@ -70,8 +70,8 @@ def test_fingerprint_is_order_free_and_sees_every_part():
 def parts(s, **change):
     values = {"config": "cfg", "unit": "unit", "model_files": "m1", "key_sha1": ""}
     values.update(change)
-    return serve.fingerprint(serve.service_parts(s, values["config"], values["unit"], values["model_files"],
-                                                 values["key_sha1"]))
+    control = serve.fingerprint(serve.service_parts(s, values["config"], values["unit"], values["key_sha1"]))
+    return serve.host_fingerprint(control, values["model_files"])
 
 
 def test_what_the_service_runs_is_in_its_fingerprint(tmp_path, monkeypatch):
