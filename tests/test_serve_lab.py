@@ -112,11 +112,16 @@ def test_deploy_runs_a_hardened_enabled_service_and_a_rerun_changes_nothing(lab,
     who = lab.ssh("h30", f"ps -o user= -p {props['MainPID']}; id -u chatglm; "
                          "getent passwd chatglm | cut -d: -f7").stdout.split()
     assert who[0] == "chatglm" and int(who[1]) < 1000 and who[2] == "/usr/sbin/nologin"
-    # The sandbox holds: the service cannot write its own code, config or model.
-    probe = lab.ssh("h30", f"nsenter -t {props['MainPID']} -m -U --preserve-credentials true 2>/dev/null; "
-                           f"cat /proc/{props['MainPID']}/mountinfo | grep -c ' /opt/chatglm .* ro[, ]'",
-                    check=False).stdout.strip()
-    assert probe.splitlines()[-1] != "0", probe
+    # The sandbox holds, seen from the service's own mount namespace: its code, config and model
+    # are read-only there (they are root's anyway: this is ProtectSystem/ReadOnlyPaths at work,
+    # since root cannot write them either), its state directory is writable, /tmp is its own.
+    pid = props["MainPID"]
+    for path in ("/opt/chatglm/models/probe", "/opt/chatglm/runtime/probe", "/etc/chatglm/probe", "/root/probe"):
+        denied = lab.ssh("h30", f"nsenter -t {pid} -m touch {path}", check=False)
+        assert denied.returncode != 0 and any(
+            why in denied.stderr for why in ("Read-only file system", "Permission denied")), (path, denied.stderr)
+    lab.ssh("h30", f"nsenter -t {pid} -m sh -c 'touch /var/lib/chatglm/probe && rm /var/lib/chatglm/probe'")
+    lab.ssh("h30", f"touch /tmp/host-probe; nsenter -t {pid} -m sh -c '! test -e /tmp/host-probe'; rm /tmp/host-probe")
 
     # The key: on the host the service user's, 0600; here the same bytes, 0600; never printed.
     secret = key(lab)
