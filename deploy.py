@@ -142,8 +142,9 @@ if "model" in stages:
                       fingerprint=planned["fingerprint"], unit_sha1=planned["unit_sha1"],
                       model_dir=model_dir, changing=restart)
         result = f"{s.install_dir}/serve/ready.json"
-        serve.ready(name="Serve: ready on /health", s=s, fingerprint=planned["fingerprint"],
-                    result_path=result, model_dir=model_dir, changing=restart)
+        serve.ready(name="Serve: ready on /health, the smoke conversation through the API", s=s,
+                    fingerprint=planned["fingerprint"], result_path=result, model_dir=model_dir,
+                    changing=restart, chat=s.smoke_test)
         serve.fetch_key(name="Serve: bring the API key back", s=s,
                         local_path=str(state.chatglm_report.report_dir / "keys" / f"{host.name}.key"))
         serve.fetch_result(name="Serve: fetch result", s=s, result_path=result,

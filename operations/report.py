@@ -182,13 +182,17 @@ def write(report_dir: Path, failures: dict[str, dict], hosts: list[str] | None =
     serving = _serving(report_dir, names)
     if serving:
         lines += ["## Serving", "",
-                  "| host | endpoint | health | variant | device | model commit | unit start to ready (s) | ready at |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| host | endpoint | health | variant | device | model commit | unit start to ready (s) "
+                  "| time to first token per answer (s) | tokens/s per answer | ready at |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in serving.items():
             h = r.get("health") or {}
+            answers = r.get("answers") or []
+            ttft = " / ".join(_num(a.get("ttft_s")) for a in answers) or "-"
+            rate = " / ".join(str(a.get("tokens_per_s") or "-") for a in answers) or "-"
             lines.append(f"| {name} | {_cell(r.get('endpoint', '-'), 80)} | {_cell(h.get('status', '-'), 40)} "
                          f"| {h.get('variant', '-')} | {h.get('device', '-')} | {_cell(h.get('model_commit') or '-', 12)} "
-                         f"| {_num(r.get('ready_s'))} | {r.get('ready_at', '-')} |")
+                         f"| {_num(r.get('ready_s'))} | {ttft} | {rate} | {r.get('ready_at', '-')} |")
         lines.append("")
     lines += ["## Hosts", "", *details]
     out = report_dir / "fleet.md"

@@ -14,6 +14,7 @@ different one restarts the service. After a (re)start the deploy waits for GET /
 import hashlib
 import io
 import ipaddress
+import json
 import os
 import re
 import shlex
@@ -26,7 +27,7 @@ from pyinfra.api.util import get_template
 from pyinfra.operations import files, server, systemd
 
 from .common import fail
-from .settings import DATA, ROOT, Settings, SettingError
+from .settings import DATA, ROOT, Settings, SettingError, load_toml
 from .smoke import FileSha1, ModelFiles
 
 UNIT = "chatglm-server.service"
@@ -366,7 +367,8 @@ def service(s: Settings, fingerprint: str, unit_sha1: str, model_dir: str, chang
 
 
 @operation()
-def ready(s: Settings, fingerprint: str, result_path: str, model_dir: str, changing: bool = False):
+def ready(s: Settings, fingerprint: str, result_path: str, model_dir: str, changing: bool = False,
+          chat: bool = True):
     """
     After a (re)start: wait for GET /health to answer ready (at most serve_ready_timeout_s;
     on timeout or a crash loop the host fails with the unit's journal tail), then keep the
@@ -378,6 +380,8 @@ def ready(s: Settings, fingerprint: str, result_path: str, model_dir: str, chang
     + result_path: the JSON file on the host the figures go to
     + model_dir: the model checkout the server loads
     + changing: an operation before this one in this run changes the model, its kernels or the env
+    + chat: once ready, hold the smoke test's conversation (data/smoke.toml) with the service,
+      streamed, as its clients will: time to first token and tokens/s per answer
     """
     if not _stale(s, fingerprint, model_dir, changing):
         host.noop(f"{UNIT} runs what is deployed")
@@ -386,6 +390,13 @@ def ready(s: Settings, fingerprint: str, result_path: str, model_dir: str, chang
     yield from files.directory._inner(path=f"{s.install_dir}/serve", user="root", group="root", mode="755")
     yield from files.put._inner(src=str(TEMPLATES / "serve_ready.py"), dest=script, user="root",
                                 group="root", mode="644")
+    talk = []
+    if chat:
+        queries = f"{s.install_dir}/serve/queries.json"
+        text = json.dumps(load_toml("smoke.toml")["queries"], ensure_ascii=False, indent=1) + "\n"
+        yield from files.put._inner(src=io.BytesIO(text.encode()), dest=queries, user="root",
+                                    group="root", mode="644")
+        talk = ["--chat", queries, "--key-file", KEY, "--max-tokens", str(s.smoke_max_new_tokens)]
     # Ask on loopback whatever the listening address: 0.0.0.0 and :: answer there too.
     ask = "127.0.0.1" if s.serve_host in ("0.0.0.0", "localhost") else ("::1" if s.serve_host == "::" else s.serve_host)
     url = f"http://{'[' + ask + ']' if ':' in ask else ask}:{s.serve_port}/health"
@@ -395,7 +406,7 @@ def ready(s: Settings, fingerprint: str, result_path: str, model_dir: str, chang
     yield StringCommand("python3", script, "--url", url, "--endpoint", endpoint, "--unit", UNIT,
                         "--timeout", str(s.serve_ready_timeout_s),
                         "--fingerprint", f'"{host_fingerprint(fingerprint, "")}$({model_files})"',
-                        "--fingerprint-file", FINGERPRINT, "--result", result_path)
+                        "--fingerprint-file", FINGERPRINT, "--result", result_path, *talk)
 
 
 @operation()

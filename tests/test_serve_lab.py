@@ -149,6 +149,10 @@ def test_deploy_runs_a_hardened_enabled_service_and_a_rerun_changes_nothing(lab,
     result = json.loads((report_dir() / "serve" / "h30.json").read_text())
     assert result["endpoint"] == "http://127.0.0.1:8000" and result["health"]["status"] == "ready"
     assert 0 < result["ready_s"] < 600
+    # The smoke conversation went through the service: five streamed answers, one conversation.
+    answers = result["answers"]
+    assert len(answers) == 5 and all(a["response"].strip() and a["tokens"] > 0 for a in answers), answers
+    assert all(0 < a["ttft_s"] <= a["seconds"] and a["tokens_per_s"] > 0 for a in answers)
     fleet = (report_dir() / "fleet.md").read_text()
     assert "## Serving" in fleet and "| h30 | http://127.0.0.1:8000 | ready |" in fleet
 
