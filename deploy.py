@@ -132,7 +132,8 @@ if "model" in stages:
         device = "cuda" if plan["gpu"] else "cpu"
         where = dict(variant=variant, model_dir=model_dir, revision=src["model_revision"], device=device)
         serve.install(name="Serve: user and server code", s=s)
-        serve.config(name="Serve: config and unit", s=s, **where)
+        serve.config(name="Serve: config", s=s, **where)
+        serve.unit(name="Serve: systemd unit", s=s, **where)
         serve.api_key(name="Serve: API key", s=s)
         planned = serve.planned_fingerprint(s, **where)
         # The model, its kernels or the env changed in this run: what the host has when the

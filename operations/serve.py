@@ -306,8 +306,7 @@ def fetch_key(s: Settings, local_path: str):
 @operation()
 def config(s: Settings, variant: str, model_dir: str, revision: str, device: str):
     """
-    /etc/chatglm/server.toml from templates/server.toml.j2 (readable by the service's group
-    only), and the unit from templates/chatglm-server.service.j2.
+    /etc/chatglm/server.toml from templates/server.toml.j2 (readable by the service's group only).
 
     + s: the host's settings (serve_*)
     + variant: fp16, int8 or int4
@@ -319,8 +318,24 @@ def config(s: Settings, variant: str, model_dir: str, revision: str, device: str
     yield from files.directory._inner(path=CONFIG_DIR, user="root", group="root", mode="755")
     yield from files.template._inner(src=str(TEMPLATES / "server.toml.j2"), dest=CONFIG,
                                      user="root", group=s.serve_user, mode="640", **values)
+
+
+@operation()
+def unit(s: Settings, variant: str, model_dir: str, revision: str, device: str):
+    """
+    The unit file from templates/chatglm-server.service.j2. An operation of its own: pyinfra
+    runs an operation's body at collection only up to its first command, so a second file in
+    the config operation would miss its --diff.
+
+    + s: the host's settings (serve_*)
+    + variant: fp16, int8 or int4
+    + model_dir: the model checkout the server loads
+    + revision: the model's pinned commit
+    + device: 'cuda' or 'cpu'
+    """
     yield from files.template._inner(src=str(TEMPLATES / "chatglm-server.service.j2"), dest=UNIT_PATH,
-                                     user="root", group="root", mode="644", **values)
+                                     user="root", group="root", mode="644",
+                                     **_template_values(s, variant, model_dir, revision, device))
 
 
 def _template_values(s: Settings, variant: str, model_dir: str, revision: str, device: str) -> dict:
