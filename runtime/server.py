@@ -66,6 +66,7 @@ class Settings:
     model_name: str = "chatglm-6b"      # the id /v1/models lists and answers carry
     backend: str = "auto"               # auto (engine when it loads, else stream_chat), engine, stream_chat
     drain_timeout_s: float = 30.0       # on SIGTERM: how long in-flight requests may still run
+    threads: int = 0                    # torch's CPU threads; 0: torch's default (one per core)
     api_key: str = field(default="", repr=False)  # read from api_key_file, never printed
 
     @property
@@ -118,6 +119,8 @@ def settings_from_dict(data: dict, source: str = "config") -> Settings:
             raise ConfigError(f"{source}: setting {name!r} must be at least 1, not {values[name]}")
     if not 0 <= values.get("port", 8000) <= 65535:
         raise ConfigError(f"{source}: setting 'port' must be 0-65535, not {values['port']}")
+    if values.get("threads", 0) < 0:
+        raise ConfigError(f"{source}: setting 'threads' must be 0 (torch's default) or more")
     if values.get("drain_timeout_s", 30.0) < 0:
         raise ConfigError(f"{source}: setting 'drain_timeout_s' must not be negative")
     settings = Settings(**values)
@@ -212,6 +215,28 @@ def text_delta(sent: str, text: str) -> str:
     return text[len(sent):] if text.startswith(sent) else ""
 
 
+class Detokenizer:
+    """The text of a growing answer, one token at a time, decoding only the last few tokens:
+    decoding the whole answer after every token would cost time growing with its length.
+
+    Two decodes of one window that starts at `prefix` (the tokens up to `read` already sent,
+    and those plus the new ones) give the new text as their difference; a window's own first
+    token decodes the same way in both, whatever the tokenizer does at a window's start. The
+    window moves up once the text is whole (no partial character at its end)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        sent = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if text.endswith("\ufffd") or not text.startswith(sent):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(sent):]
+
+
 # --- jobs and the worker ------------------------------------------------------------------------
 
 
@@ -235,20 +260,39 @@ class Job:
 
     def deliver(self, delta: str, finish: Optional[str] = None, error: Optional[str] = None) -> None:
         """From the worker: text for the client, and with the last event why it ended."""
-        if finish or error:
-            self.done = True
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (delta, finish, error))
-        except RuntimeError:  # the event loop has closed: nobody is waiting any more
-            pass
+        deliver_all([(self, delta, finish, error)])
 
     async def stream(self):
-        """(delta, finish_reason, error) as they come, until the last one."""
+        """(text, finish_reason, error) as they come, until the last one. Text that piled up
+        while this request's sends were slow comes as one piece: fewer, larger writes."""
         while True:
             delta, finish, error = await self.events.get()
+            while not (finish or error) and not self.events.empty():
+                more, finish, error = self.events.get_nowait()
+                delta += more
             yield delta, finish, error
             if finish or error:
                 return
+
+
+def deliver_all(events) -> None:
+    """From the worker: (job, text, finish, error) of a whole step, handed to each event loop in
+    one call (one wake-up of the loop per step, not one per job)."""
+    by_loop = {}
+    for job, delta, finish, error in events:
+        if finish or error:
+            job.done = True
+        by_loop.setdefault(job.loop, []).append((job, delta, finish, error))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the event loop has closed: nobody is waiting any more
+            pass
+
+
+def _put_all(items) -> None:
+    for job, delta, finish, error in items:
+        job.events.put_nowait((delta, finish, error))
 
 
 class Backend:
@@ -320,7 +364,7 @@ class EngineBackend(Backend):
     def __init__(self, engine, tokenizer, capacity: int):
         self.engine, self.tokenizer, self.capacity = engine, tokenizer, capacity
         self.slots: dict = {}       # slot -> job
-        self.tokens: dict = {}      # job id -> generated token ids
+        self.texts: dict = {}       # job id -> its Detokenizer
         # Either ends an answer, as in the model's own chat(); the engine stops on them and
         # reports the stop token, which is not part of the answer.
         self.stop_ids = {tokenizer.eos_token_id, getattr(tokenizer, "end_token_id", None)} - {None}
@@ -329,7 +373,7 @@ class EngineBackend(Backend):
         slot = self.engine.add(job.prompt_ids, max_new_tokens=job.max_new_tokens, temperature=job.temperature,
                                top_p=job.top_p, stop_ids=sorted(self.stop_ids))
         self.slots[slot] = job
-        self.tokens[job.id] = []
+        self.texts[job.id] = Detokenizer(self.tokenizer)
 
     def step(self):
         results = []
@@ -340,9 +384,7 @@ class EngineBackend(Backend):
             delta = ""
             if token_id is not None and token_id not in self.stop_ids:
                 job.completion_tokens += 1
-                ids = self.tokens[job.id]
-                ids.append(token_id)
-                delta = text_delta(job.sent, self.tokenizer.decode(ids))
+                delta = self.texts[job.id].add(token_id)
                 job.sent += delta
             finish = None
             if finished:
@@ -359,7 +401,7 @@ class EngineBackend(Backend):
 
     def _forget(self, slot):
         job = self.slots.pop(slot)
-        self.tokens.pop(job.id, None)
+        self.texts.pop(job.id, None)
 
 
 class QueueFull(Exception):
@@ -457,7 +499,7 @@ class Scheduler:
                     # counts an answered request as generating.
                     self.running.remove(job)
                     self.job_seconds += (now - job.started - self.job_seconds) / 8
-                job.deliver(delta, finish)
+            deliver_all([(job, delta, finish, None) for job, delta, finish in events])
         # Whatever is left when the worker stops ends now, so no handler waits for ever.
         with self.cond:
             leftover, self.waiting = list(self.waiting) + self.running, collections.deque()
@@ -482,6 +524,10 @@ def load_model(settings: Settings):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    if settings.threads:
+        # On a CPU shared with other work, torch's one thread per core can spend more time
+        # waiting at its own barriers than computing.
+        torch.set_num_threads(settings.threads)
     tokenizer = AutoTokenizer.from_pretrained(settings.model_dir, trust_remote_code=True)
     model = AutoModel.from_pretrained(settings.model_dir, trust_remote_code=True)
     model = (model.half().cuda() if settings.device == "cuda" else model.float()).eval()
@@ -503,6 +549,9 @@ def make_backend(settings: Settings, model, tokenizer) -> Backend:
             log.warning("batching engine not available (%s: %s); serving one request at a time "
                         "through the model's stream_chat", type(exc).__name__, exc)
     return StreamChatBackend(model, tokenizer, max_length)
+
+
+INLINE_TOKENIZE_CHARS = 1000
 
 
 class Service:
@@ -595,7 +644,10 @@ class Service:
 
     async def tokenize(self, query: str, history: list) -> list[int]:
         self.check_ready()
-        # Tokenizing is CPU work that grows with the input: off the event loop.
+        # Tokenizing grows with the input: a long conversation goes off the event loop; a short
+        # one (well under a millisecond) costs less than the hop to a thread and back.
+        if len(query) + sum(len(q) + len(a) for q, a in history) <= INLINE_TOKENIZE_CHARS:
+            return self.prompt_ids(query, history)
         return await anyio.to_thread.run_sync(self.prompt_ids, query, history)
 
     def enqueue(self, query: str, history: list, ids: list[int], max_new_tokens: int, temperature: float,

@@ -31,8 +31,8 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from runtime import server  # noqa: E402
-from runtime.server import (Backend, ConfigError, Job, QueueFull, RequestError, Scheduler,  # noqa: E402
-                            build_prompt, settings_from_dict, text_delta, turns_from_messages)
+from runtime.server import (Backend, ConfigError, Detokenizer, Job, QueueFull, RequestError,  # noqa: E402
+                            Scheduler, build_prompt, settings_from_dict, text_delta, turns_from_messages)
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-5f1c0a9e"
@@ -90,6 +90,23 @@ def test_text_delta():
     assert text_delta("", "") == ""
 
 
+class ByteTokenizer:
+    """Token ids are UTF-8 bytes: a character comes whole only with its last byte."""
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_detokenizer_sends_whole_characters_in_order():
+    text = "Hello, 你好！ café ☕ done"
+    detokenizer = Detokenizer(ByteTokenizer())
+    pieces = [detokenizer.add(byte) for byte in text.encode()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert pieces[:3] == ["H", "e", "l"] and pieces[7:10] == ["", "", "你"]
+    assert len(detokenizer.ids) - detokenizer.prefix <= 4  # the window stays short
+
+
 def test_settings(tmp_path):
     s = settings_from_dict({"model_dir": "/m"})
     assert (s.host, s.port, s.api_key, s.backend, s.loopback) == ("127.0.0.1", 8000, "", "auto", True)
@@ -109,6 +126,7 @@ def test_settings(tmp_path):
     ({"model_dir": "/m", "port": "80"}, "'port' must be a int"),
     ({"model_dir": "/m", "queue_size": 0}, "'queue_size' must be at least 1"),
     ({"model_dir": "/m", "device": "tpu"}, "'device' is 'tpu'; use one of cpu, cuda"),
+    ({"model_dir": "/m", "threads": -1}, "'threads' must be 0"),
     ({"model_dir": "/m", "host": "0.0.0.0"}, "'host' is '0.0.0.0', reachable from other machines, and no API key"),
     ({"model_dir": "/m", "host": "myhost"}, "no API key"),
     ({"model_dir": "/m", "api_key_file": "/nonexistent/key"}, "cannot read /nonexistent/key"),
@@ -367,6 +385,15 @@ def test_openai_client_streams_and_answers(keyed):
         client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=100000)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"http://127.0.0.1:{keyed.port}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_detokenizer_with_the_model_tokenizer(keyed):
+    tokenizer = keyed.service.tokenizer
+    # Rare characters come as byte tokens; spaces, tabs and newlines have pieces of their own.
+    text = "你好！Hello  world\n\tprint(x)  " + "".join(chr(0x4E00 + i * 7) for i in range(12)) + " end"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = Detokenizer(tokenizer)
+    assert "".join(detokenizer.add(i) for i in ids) == tokenizer.decode(ids) == text
 
 
 def test_upstream_api_format(keyed):
