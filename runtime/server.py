@@ -631,9 +631,9 @@ class Service:
         """The tokenized prompt, refused when it is over max_prompt_tokens."""
         limit = self.settings.max_prompt_tokens
         prompt = build_prompt(query, history)
-        # A token is at least one character, so text this long is over the limit without
-        # spending CPU on tokenizing it.
-        if len(prompt) > limit * 64:
+        # No token of ChatGLM-6B's vocabulary stands for more than 80 characters (its longest
+        # pieces are runs of spaces), so text this long is over the limit without tokenizing it.
+        if len(prompt) > limit * 100:
             raise RequestError(400, f"the prompt is {len(prompt)} characters, far over this server's limit of "
                                f"{limit} tokens (max_prompt_tokens)", code="prompt_too_long")
         ids = self.tokenizer(prompt)["input_ids"]
@@ -816,6 +816,12 @@ def create_app(service: Service) -> FastAPI:
     async def request_error(request, exc: RequestError):
         return JSONResponse(error_body(exc.message, exc.status, exc.param, exc.code), exc.status,
                             headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):
+        # Logged with its traceback here; the client learns only that it failed.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body("internal error; see the server's log", 500), 500)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
