@@ -1,7 +1,8 @@
 """Serving load: runtime/server.py against a server built the way upstream's api.py is.
 
     .venv/bin/python bench/serve_load.py [--model-dir DIR] [--levels 1,4,16] [--requests-per-client 4]
-                                         [--rounds 3] [--max-tokens 64] [--servers engine,stream_chat,api_py]
+                                         [--rounds 3] [--max-tokens 64] [--threads 1]
+                                         [--servers engine,stream_chat,api_py]
 
 Servers on 127.0.0.1, the int4 fixture model on CPU (built into a temporary directory unless
 --model-dir names one); all are started first, and only one is under load at a time: round
@@ -12,11 +13,13 @@ on all of them alike, and each figure is the median of the rounds. Servers:
 - api_py: this file's --api-py-server: FastAPI + uvicorn, one worker, the blocking model.chat()
   called inside the async handler, answers on POST / (what upstream's api.py does)
 For each concurrency level, that many clients each send --requests-per-client requests one
-after the other (bounded: also stopped by a per-level deadline). Ours stream (time to first
+after the other, at least 16 requests per level (bounded: also stopped by a per-level deadline). Ours stream (time to first
 token = time to the first chunk with text); api_py answers whole (time to first token = time to
 the whole answer: its clients see nothing before). Generated tokens are counted the same way for
 all: the answer's text tokenized again. Greedy decoding (temperature 0; api_py 0.01, which the
-model's sampler treats the same), the five smoke-test questions in turn.
+model's sampler treats the same), the five smoke-test questions in turn. Besides wall-clock
+figures, each server's own CPU time per level (from /proc): tokens per server CPU-second is what
+other processes on a shared machine disturb least.
 Results: bench/results/serve_load.{json,md}.
 """
 
@@ -117,7 +120,14 @@ def questions():
     return [q for q, _ in CONVERSATION]
 
 
-async def run_level(kind: str, port: int, clients: int, per_client: int, max_tokens: int, count_tokens):
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_level(kind: str, port: int, clients: int, per_client: int, max_tokens: int, count_tokens,
+                    pid: int = 0):
     qs = questions()
     results = []
     deadline = time.monotonic() + LEVEL_DEADLINE_S
@@ -134,9 +144,11 @@ async def run_level(kind: str, port: int, clients: int, per_client: int, max_tok
                               "max_tokens": max_tokens, "temperature": 0}, "/v1/chat/completions"
             results.append(await post(port, path, body))
 
+    cpu = cpu_seconds(pid) if pid else 0.0
     started = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
     wall = time.perf_counter() - started
+    cpu = cpu_seconds(pid) - cpu if pid else 0.0
     ok = [r for r in results if r[0] == 200]
     ttft = sorted(r[1] for r in ok)
     tokens = sum(count_tokens(r[3]) for r in ok)
@@ -147,14 +159,16 @@ async def run_level(kind: str, port: int, clients: int, per_client: int, max_tok
     return {"server": kind, "concurrency": clients, "requests": len(results), "failed": len(results) - len(ok),
             "wall_s": round(wall, 3), "requests_per_s": round(len(ok) / wall, 3),
             "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
-            "ttft_p50_s": round(pct(50), 4), "ttft_p99_s": round(pct(99), 4)}
+            "ttft_p50_s": round(pct(50), 4), "ttft_p99_s": round(pct(99), 4),
+            # What the server itself spent: the figure other processes on a shared machine disturb least.
+            "server_cpu_s": round(cpu, 3), "tokens_per_server_cpu_s": round(tokens / cpu, 1) if cpu else None}
 
 
 def median_row(rounds: list) -> dict:
     """One row: the median of each figure over the rounds (the spread of tokens/s beside it)."""
     row = dict(rounds[0])
-    for name in ("wall_s", "requests_per_s", "tokens_per_s", "ttft_p50_s", "ttft_p99_s"):
-        row[name] = statistics.median(r[name] for r in rounds)
+    for name in ("wall_s", "requests_per_s", "tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tokens_per_server_cpu_s"):
+        row[name] = statistics.median(r[name] or 0 for r in rounds)
     row["tokens_per_s_range"] = [min(r["tokens_per_s"] for r in rounds), max(r["tokens_per_s"] for r in rounds)]
     row["requests"] = sum(r["requests"] for r in rounds)
     row["failed"] = sum(r["failed"] for r in rounds)
@@ -207,12 +221,13 @@ def stop(proc) -> None:
 
 def markdown(report: dict) -> str:
     rows = ["| server | concurrency | requests (all rounds) | requests/s | generated tokens/s (lowest-highest) | "
-            "TTFT p50 ms | TTFT p99 ms |", "|---|---|---|---|---|---|---|"]
+            "TTFT p50 ms | TTFT p99 ms | tokens per server CPU-second |", "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         low, high = r["tokens_per_s_range"]
         rows.append(f"| {r['server']} | {r['concurrency']} | {r['requests'] - r['failed']}/{r['requests']} | "
                     f"{r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} ({low:.0f}-{high:.0f}) | "
-                    f"{r['ttft_p50_s'] * 1000:.1f} | {r['ttft_p99_s'] * 1000:.1f} |")
+                    f"{r['ttft_p50_s'] * 1000:.1f} | {r['ttft_p99_s'] * 1000:.1f} | "
+                    f"{r['tokens_per_server_cpu_s']:.0f} |")
     lines = ["\n".join(rows), ""]
     for name, check in report["targets"].items():
         lines.append(f"- {name}: {check}")
@@ -224,7 +239,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir")
     parser.add_argument("--levels", default="1,4,16")
-    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--requests-per-client", type=int, default=4, help="(at least 16 requests per level)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--servers", default="engine,stream_chat,api_py")
     parser.add_argument("--rounds", type=int, default=3)
@@ -268,8 +283,10 @@ def main(argv=None) -> None:
         for round_ in range(args.rounds):
             for level in levels:
                 for kind in kinds:
-                    row = asyncio.run(run_level(kind, servers[kind][0], level, args.requests_per_client,
-                                                args.max_tokens, count_tokens))
+                    # At least 16 requests per level, so a low level's p99 is not one request's time.
+                    per_client = max(args.requests_per_client, -(-16 // level))
+                    row = asyncio.run(run_level(kind, servers[kind][0], level, per_client,
+                                                args.max_tokens, count_tokens, servers[kind][1].pid))
                     print(json.dumps({"round": round_, **row}), flush=True)
                     samples[kind, level].append(row)
     finally:
@@ -283,7 +300,7 @@ def main(argv=None) -> None:
 
     def ratios(numerators, denominators, name):
         """Round by round (the rows of one round ran minutes apart at most), then the median."""
-        values = [n[name] / d[name] for n, d in zip(numerators, denominators)]
+        values = [n[name] / d[name] for n, d in zip(numerators, denominators) if n[name] and d[name]] or [float("nan")]
         return statistics.median(values), min(values), max(values)
 
     for server in ("engine", "stream_chat"):
@@ -293,6 +310,9 @@ def main(argv=None) -> None:
             mid, low, high = ratios(samples[server, top], samples["api_py", top], "tokens_per_s")
             targets[f"{server}: tokens/s at concurrency {top} vs api_py (target >= 4x)"] = (
                 f"{mid:.2f}x (rounds {low:.2f}-{high:.2f}): {'met' if mid >= 4 else 'NOT met'}")
+            mid, low, high = ratios(samples[server, top], samples["api_py", top], "tokens_per_server_cpu_s")
+            targets[f"{server}: tokens per server CPU-second at concurrency {top} vs api_py (no target; "
+                    "the least disturbed figure)"] = f"{mid:.2f}x (rounds {low:.2f}-{high:.2f})"
         if 1 in levels:
             mid, low, high = ratios(samples[server, top], samples[server, 1], "ttft_p99_s")
             targets[f"{server}: TTFT p99 at concurrency {top} vs its own at 1 (target <= 5x)"] = (
@@ -305,7 +325,8 @@ def main(argv=None) -> None:
               "setup": (f"Servers on 127.0.0.1, one under load at a time, the int4 fixture on CPU, "
                         f"{os.cpu_count()} CPUs shared with the load generator, torch threads "
                         f"{args.threads or 'default'} in every server; each client sends "
-                        f"{args.requests_per_client} requests in a row (greedy, max_tokens {args.max_tokens}); "
+                        f"{args.requests_per_client} requests in a row, at least 16 per level (greedy, "
+                        f"max_tokens {args.max_tokens}); "
                         f"medians of {args.rounds} interleaved rounds. api_py's time to first token is the time to "
                         "its whole answer (it does not stream). p99 of at most 64 samples is close to the maximum.")}
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -35,11 +35,12 @@ from typing import Literal, Optional, Union
 
 import anyio
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 log = logging.getLogger("chatglm.server")
 
@@ -799,7 +800,9 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(service: Service) -> FastAPI:
+def create_app(service: Service) -> Starlette:
+    """Starlette's routing and error handling, no more: bodies are parsed and validated here
+    (parse_body), responses streamed by JobResponse; a lighter stack is less work per request."""
     settings = service.settings
 
     created = int(time.time())
@@ -810,36 +813,28 @@ def create_app(service: Service) -> FastAPI:
         yield
         await anyio.to_thread.run_sync(service.stop)
 
-    app = FastAPI(title="ChatGLM-6B", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.exception_handler(RequestError)
     async def request_error(request, exc: RequestError):
         return JSONResponse(error_body(exc.message, exc.status, exc.param, exc.code), exc.status,
                             headers=exc.headers)
 
-    @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
         # Logged with its traceback here; the client learns only that it failed.
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return JSONResponse(error_body("internal error; see the server's log", 500), 500)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, exc: StarletteHTTPException):
+    async def http_error(request, exc: HTTPException):
         message = {404: f"no such endpoint: {request.method} {request.url.path}",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
         return JSONResponse(error_body(message, exc.status_code), exc.status_code, headers=exc.headers)
 
-    @app.get("/health")
-    async def health():
+    async def health(request):
         body = service.health()
         return JSONResponse(body, 200 if body["status"] == "ready" else 503)
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model",
-                                            "created": created, "owned_by": "chatglm-deploy"}]}
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": settings.model_name, "object": "model",
+                                                         "created": created, "owned_by": "chatglm-deploy"}]})
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await parse_body(request, ChatRequest)
         if body.stop:
@@ -895,7 +890,6 @@ def create_app(service: Service) -> FastAPI:
 
         return JobResponse(service.scheduler, job, stream if body.stream else whole)
 
-    @app.post("/")
     async def plain_chat(request: Request):
         body = await parse_body(request, PlainRequest)
         history = [tuple(turn) for turn in body.history]
@@ -925,7 +919,11 @@ def create_app(service: Service) -> FastAPI:
 
         return JobResponse(service.scheduler, job, whole)
 
-    return app
+    routes = [Route("/health", health, methods=["GET"]), Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/", plain_chat, methods=["POST"])]
+    handlers = {RequestError: request_error, HTTPException: http_error, Exception: unexpected}
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
 
 
 class Server(uvicorn.Server):

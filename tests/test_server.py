@@ -27,7 +27,7 @@ if "HF_MODULES_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, _modules_cache, ignore_errors=True)
 
 pytest.importorskip("torch")
-pytest.importorskip("fastapi")
+pytest.importorskip("starlette")
 openai = pytest.importorskip("openai")
 
 from runtime import server  # noqa: E402
