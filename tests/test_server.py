@@ -236,6 +236,8 @@ class Gate(Backend):
     def __init__(self, inner):
         self.inner, self.capacity = inner, inner.capacity
         self.cond, self.open_, self.steps = threading.Condition(), True, {}
+        self.widest = 0             # most jobs one step advanced
+        self.fail_next = False      # the next step raises, as a failing model would
 
     def shut(self):
         with self.cond:
@@ -255,7 +257,11 @@ class Gate(Backend):
     def step(self):
         with self.cond:
             self.cond.wait_for(lambda: self.open_, timeout=60)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the model broke")
         events = self.inner.step()
+        self.widest = max(self.widest, len(events))
         for job, _, _ in events:
             self.steps[job.id] = self.steps.get(job.id, 0) + 1
         return events
@@ -475,6 +481,43 @@ def test_full_queue_answers_429(keyed):
         assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
         conn.close()
     assert request(port, "POST", "/v1/chat/completions", QUESTION, key=KEY)[0] == 200
+
+
+def test_concurrent_requests_share_steps(keyed):
+    gate, port, scheduler = keyed.gate, keyed.port, keyed.service.scheduler
+    gate.shut()
+    gate.widest = 0
+    streams = [open_stream(port, {**QUESTION, "max_tokens": 8, "temperature": 0})]
+    wait_for(lambda: scheduler.active == 1, what="the first job to start")
+    streams.append(open_stream(port, {**QUESTION, "max_tokens": 8, "temperature": 0}))
+    wait_for(lambda: scheduler.queued == 1, what="the second job to wait")
+    # /health answers while the worker is busy: nothing waits on the model but the model's jobs.
+    started = time.monotonic()
+    assert request(port, "GET", "/health")[0] == 200 and time.monotonic() - started < 2
+    gate.open()
+    texts = []
+    for conn, response in streams:
+        events = read_events(response)
+        texts.append("".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
+                             for e in events[:-1] if json.loads(e)["choices"]))
+        conn.close()
+    assert texts[0] == texts[1] and texts[0]  # greedy: batched or not, the same answer
+    # The second job joined the first between two steps (engine), or waited for it (stream_chat).
+    assert gate.widest == min(2, gate.capacity)
+
+
+def test_failed_generation_answers_500_and_serving_goes_on(keyed):
+    keyed.gate.fail_next = True
+    status, _, body = request(keyed.port, "POST", "/v1/chat/completions", {**QUESTION, "max_tokens": 4}, key=KEY)
+    assert status == 500 and body["error"]["message"] == "generation failed: RuntimeError: the model broke"
+    keyed.gate.fail_next = True
+    conn, response = open_stream(keyed.port, {**QUESTION, "max_tokens": 4})
+    events = read_events(response)
+    conn.close()
+    assert json.loads(events[-1])["error"]["message"] == "RuntimeError: the model broke"
+    status, _, body = request(keyed.port, "POST", "/", {"prompt": "你好！", "temperature": 0.01}, key=KEY)
+    assert status == 200 and body["response"]
+    assert request(keyed.port, "GET", "/health")[2]["active"] == 0
 
 
 def test_disconnect_cancels_generation(keyed):
