@@ -212,6 +212,19 @@ def measure_engine(model, single, batch_prompts, args, triton_cache, ref_tokens)
     engine_single(engine, single, 8)  # first prefill of this shape: cuBLAS set-up off the clock
     ttft, decode, tokens, _ = engine_single(engine, single, args.new)
     fast.update(ttft_s=ttft, decode_tokens_per_s=(args.new - 1) / decode)
+    if engine.use_graphs:
+        # The GPU's own time per step: the batch-1 graph replayed back to back (no Python between),
+        # against the step() loop above: the difference is the host's share.
+        graph = engine._graph(1)[0]
+        graph.replay()
+        start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start_event.record()
+        for _ in range(50):
+            graph.replay()
+        end_event.record()
+        end_event.synchronize()
+        fast["graph_step_ms"] = start_event.elapsed_time(end_event) / 50
+        fast["step_loop_ms"] = decode / (args.new - 1) * 1e3
     prefill, decode_b, produced = engine_batch(engine, batch_prompts, args.batch_new)
     fast["batch_tokens_per_s"] = (produced - args.batch) / decode_b
     fast["batch_prefill_s"] = prefill
