@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -110,7 +111,8 @@ def settings_from_dict(data: dict, source: str = "config") -> Settings:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise ConfigError(f"{source}: setting {name!r} must be a {kind.__name__}, not {value!r}")
+            kind_name = {int: "an integer", float: "a number", str: "a string"}[kind]
+            raise ConfigError(f"{source}: setting {name!r} must be {kind_name}, not {value!r}")
         values[name] = value
     for name, choices in _CHOICES.items():
         if name in values and values[name] not in choices:
@@ -972,6 +974,11 @@ def main(argv=None) -> int:
         print(f"chatglm server: {exc}", file=sys.stderr)
         return 2
     if args.check:
+        # What only the host can tell: the model checkout is there.
+        if not os.path.isfile(os.path.join(settings.model_dir, "config.json")):
+            print(f"chatglm server: setting 'model_dir': {settings.model_dir} holds no model (no config.json)",
+                  file=sys.stderr)
+            return 2
         print(f"{args.config}: OK ({settings.host}:{settings.port}, "
               f"{'API key set' if settings.api_key else 'no API key'})")
         return 0

@@ -123,7 +123,7 @@ def test_settings(tmp_path):
 @pytest.mark.parametrize("data, wanted", [
     ({}, "'model_dir' is missing"),
     ({"model_dir": "/m", "prot": 1}, "unknown setting 'prot'"),
-    ({"model_dir": "/m", "port": "80"}, "'port' must be a int"),
+    ({"model_dir": "/m", "port": "80"}, "'port' must be an integer, not '80'"),
     ({"model_dir": "/m", "queue_size": 0}, "'queue_size' must be at least 1"),
     ({"model_dir": "/m", "device": "tpu"}, "'device' is 'tpu'; use one of cpu, cuda"),
     ({"model_dir": "/m", "threads": -1}, "'threads' must be 0"),
@@ -644,6 +644,19 @@ def test_program_refuses_bad_settings(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "runtime.server", "--config", str(config), "--check"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown setting 'colour'" in proc.stderr
+    write_config(config, model_dir=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "runtime.server", "--config", str(config), "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "setting 'model_dir'" in proc.stderr and "no config.json" in proc.stderr
+
+
+def test_program_check_accepts_good_settings(model_dir, tmp_path):
+    (tmp_path / "key").write_text(KEY)
+    config = write_config(tmp_path / "server.toml", model_dir=model_dir, host="0.0.0.0", port=free_port(),
+                          api_key_file=str(tmp_path / "key"))
+    proc = subprocess.run([sys.executable, "-m", "runtime.server", "--config", str(config), "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout and KEY not in proc.stdout + proc.stderr
 
 
 def test_program_sigterm_drains_in_flight_requests(model_dir, tmp_path):
