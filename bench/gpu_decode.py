@@ -212,6 +212,19 @@ def measure_engine(model, single, batch_prompts, args, triton_cache, ref_tokens)
     engine_single(engine, single, 8)  # first prefill of this shape: cuBLAS set-up off the clock
     ttft, decode, tokens, _ = engine_single(engine, single, args.new)
     fast.update(ttft_s=ttft, decode_tokens_per_s=(args.new - 1) / decode)
+    if engine.use_graphs:
+        # The GPU's own time per step: the batch-1 graph replayed back to back (no Python between),
+        # against the step() loop above: the difference is the host's share.
+        graph = engine._graph(1)[0]
+        graph.replay()
+        start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start_event.record()
+        for _ in range(50):
+            graph.replay()
+        end_event.record()
+        end_event.synchronize()
+        fast["graph_step_ms"] = start_event.elapsed_time(end_event) / 50
+        fast["step_loop_ms"] = decode / (args.new - 1) * 1e3
     prefill, decode_b, produced = engine_batch(engine, batch_prompts, args.batch_new)
     fast["batch_tokens_per_s"] = (produced - args.batch) / decode_b
     fast["batch_prefill_s"] = prefill
@@ -329,6 +342,42 @@ def sweep():
     return rows
 
 
+def kernels_settings_env():
+    from runtime import kernels
+
+    return kernels.SETTINGS_ENV
+
+
+def tuned(rows):
+    """The fastest launch settings of the sweep (summed over the four shapes), applied to
+    runtime.kernels here and handed to the warm-up process through its environment variable."""
+    from runtime import kernels
+
+    def best(select):
+        totals = {}
+        for row in rows:
+            if "us" in row and select(row):
+                key = tuple(row["config"])
+                totals.setdefault(key, []).append(row["us"])
+        complete = {k: sum(v) for k, v in totals.items() if len(v) == max(len(x) for x in totals.values())}
+        return list(min(complete, key=complete.get)) if complete else None
+
+    values = kernels.settings()
+    for bits in (4, 8):
+        for key, rows_wanted in (("gemv", 1), ("small_batch", 16)):
+            choice = best(lambda r: r.get("bits") == bits and r.get("rows") == rows_wanted and "kernel" not in r)
+            if choice:
+                values[key][str(bits)] = choice
+    choice = best(lambda r: r.get("kernel") == "attention" and r["rows"] == 16)
+    if choice:
+        values["attention"] = choice
+    choice = best(lambda r: r.get("kernel") == "split attention" and r["rows"] == 1)
+    if choice:
+        values["split"] = choice
+    kernels.apply_settings(values)
+    return values
+
+
 def cache_files(path):
     return sum(len(files) for _, _, files in os.walk(path)) if os.path.isdir(path) else 0
 
@@ -370,17 +419,22 @@ def main():
     # Deploy-time warm-up of Triton's cache in another process, then check this process compiles nothing.
     triton_cache = os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton-cache-"))
     if gpu:
+        bandwidth = measured_copy_bandwidth()
+        log(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s")
+        if args.sweep:
+            result["sweep"] = sweep()
+            result["tuned"] = tuned(result["sweep"])
+            os.environ[kernels_settings_env()] = json.dumps(result["tuned"])
+            log("tuned launch settings:", result["tuned"])
         start = time.perf_counter()
         warm = subprocess.run([sys.executable, "-m", "runtime.kernels", "--warm"], cwd=ROOT, capture_output=True, text=True)
         result["triton_warm"] = dict(seconds=round(time.perf_counter() - start, 2), rc=warm.returncode,
                                      stdout=warm.stdout.strip()[-2000:], stderr=warm.stderr.strip()[-2000:])
         log("deploy-time warm", result["triton_warm"])
 
-    bandwidth = measured_copy_bandwidth() if gpu else DATASHEET_BANDWIDTH
+    else:
+        bandwidth = DATASHEET_BANDWIDTH
     result["copy_bandwidth_Bps"] = bandwidth
-    log(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s")
-    if args.sweep:
-        result["sweep"] = sweep()
 
     with tempfile.TemporaryDirectory() as tmp:
         result["reference_int_kernels"] = install_reference_kernels(Path(tmp)) if gpu else "CPU C kernel"

@@ -1,19 +1,18 @@
 """Weight fetch from the Seafile stand-in: our downloaders vs curl, memory and disk passes.
 
     .venv/bin/python bench/weight_fetch.py [--sizes 100,2048] [--rounds 5]   (MiB)
-        [--downloaders control,host,control-thread,host-thread,control@REV,host@REV]
+        [--downloaders control,host,control-thread,host-inline]
 
 For each size: a random file is shared by the stand-in on loopback; then, round after
-round, curl fetches it (-L follows the dl=1 redirect), the control-side downloader
-(operations/seafile.py, weights_mode=control) fetches it into a cache, and the host-side
-downloader (templates/fetch_weights.py.j2 rendered as for weights_mode=direct) fetches it
-over its LFS pointer. The runs are interleaved (curl, control, host, curl, ...) so that
-the noise of a shared machine falls on all of them alike; each round's ratio compares
-runs of that round, and the median of the rounds is reported; the order is shuffled
-each round (seeded: the same orders on every run). `-thread`/`-inline` force
-HASH_THREAD on or off (default: what the downloader picks for this machine); `@REV`
-runs that git revision's downloader (e.g. control@d3e55db, the one before issue 8's
-work), in the same rounds. Also: the peak RSS of the
+round, curl fetches it (-L follows the dl=1 redirect), the downloader (runtime/fetch.py)
+fetches it into a cache as the control machine does (weights_mode=control: imported in a
+process gevent has patched, as pyinfra's is, so it hashes in line and does not fsync), and
+the same file run as a program with a job file fetches it over its LFS pointer as a host
+does (weights_mode=direct: hashing thread, fsync before the rename). The runs are
+interleaved (curl, control, host, curl, ...) so that the noise of a shared machine falls on
+all of them alike; each round's ratio compares runs of that round, and the median of the
+rounds is reported; the order is shuffled each round (seeded: the same orders on every
+run). `-thread`/`-inline` force HASH_THREAD on or off. Also: the peak RSS of the
 downloading process and its bytes read/written on disk (one pass = 0 read, 1x written).
 Results: bench/results/weight_fetch.{json,md}.
 """
@@ -47,23 +46,22 @@ print(json.dumps({{"seconds": elapsed, "cpu_s": ru.ru_utime + ru.ru_stime,
                   "write_bytes": int(io["write_bytes"]), "peak_rss_mb": int(hwm) / 1024}}))
 """
 CONTROL = """
-import importlib.util, json, resource, sys, time
+from gevent import monkey; monkey.patch_all()  # as in pyinfra's process
+import json, resource, sys, time
 sys.path.insert(0, {root!r})
-spec = importlib.util.spec_from_file_location("seafile_under_test", {module!r})
-seafile = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(seafile)
-download = seafile.download
-if {thread} is not None:
-    seafile.HASH_THREAD = {thread}
 t = time.perf_counter()
-download({share!r}, {path!r}, {dest!r}, {sha!r}, {size}, progress=False)
+from runtime import fetch
+if {thread} is not None:
+    fetch.HASH_THREAD = {thread}
+fetch.download(fetch.Share({share!r}), {path!r}, {dest!r}, {sha!r}, {size}, "bench", "weights_cache",
+               lambda: False, hidden=False, fsync=False)
 elapsed = time.perf_counter() - t
 """ + REPORT
-# The rendered fetcher runs as on a host: its own module, main() timed from the start of
-# the script (imports included) to its exit.
+# As on a host: the file run as a program, timed from the start (imports included) to its exit.
 HOST = """
 import json, resource, runpy, sys, time
 t = time.perf_counter()
+sys.argv = ["fetch.py", {job!r}]
 try:
     runpy.run_path({script!r}, run_name="__main__")
 except SystemExit as e:
@@ -84,33 +82,16 @@ def make_file(path: Path, mib: int) -> str:
     return digest.hexdigest()
 
 
-def at_revision(tmp: Path, rev: str, path: str) -> Path:
-    """path as it was at git revision rev (a copy under tmp)."""
-    out = tmp / "rev" / rev / path
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True,
-                                       capture_output=True).stdout)
-    return out
-
-
-def render_host(tmp: Path, share: str, name: str, sha: str, size: int, thread=None,
-                rev=None) -> Path:
-    from operations.model import STAMPS, TEMPLATE
-    from pyinfra.api.util import get_template
+def write_job(tmp: Path, share: str, name: str, sha: str, size: int) -> Path:
+    from operations.model import STAMPS
 
     model_dir = tmp / "model"
     model_dir.mkdir(exist_ok=True)
-    script = tmp / f"fetch_weights_{thread}_{rev}.py"
-    template = at_revision(tmp, rev, "templates/fetch_weights.py.j2") if rev else TEMPLATE
-    text = get_template(str(template)).render(
-        weights_mode="direct", source_kind="seafile", source=share, folder="/",
-        model_dir=str(model_dir), stamps=STAMPS, attempts=6,
-        files=[{"name": name, "oid": sha, "size": size}])
-    if thread is not None:
-        text = re.sub(r"(?m)^HASH_THREAD = .*$", f"HASH_THREAD = {thread}", text)
-    script.write_text(text)
-    return script
+    job = tmp / "job.json"
+    job.write_text(json.dumps({"mode": "seafile", "source": share, "folder": "/",
+                               "model_dir": str(model_dir), "stamps": STAMPS,
+                               "files": [{"name": name, "oid": sha, "size": size}]}))
+    return job
 
 
 def run_child(code: str) -> dict:
@@ -119,7 +100,7 @@ def run_child(code: str) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-LABELS = {"control": "control (operations/seafile.py)", "host": "host (fetch_weights.py.j2)"}
+LABELS = {"control": "control (runtime/fetch.py imported)", "host": "host (runtime/fetch.py run)"}
 
 
 def main():
@@ -168,22 +149,26 @@ def main():
                             os.unlink(tmp / "curl.out")
                             continue
                         kind, _, mode = who.partition("-")
-                        kind, _, rev = kind.partition("@")
                         thread = {"thread": True, "inline": False}.get(mode)
                         if kind == "control":
                             dest = tmp / "cache.out"
-                            module = (at_revision(tmp, rev, "operations/seafile.py") if rev
-                                      else ROOT / "operations" / "seafile.py")
                             got[who] = run_child(CONTROL.format(
-                                root=str(ROOT), module=str(module), share=share,
-                                path=f"/{name}", dest=str(dest), sha=sha, size=size,
-                                thread=thread))
+                                root=str(ROOT), share=share, path=f"/{name}", dest=str(dest),
+                                sha=sha, size=size, thread=thread))
                             os.unlink(dest)
                         else:
-                            script = render_host(tmp, share, name, sha, size, thread, rev)
+                            job = write_job(tmp, share, name, sha, size)
+                            script = ROOT / "runtime" / "fetch.py"
+                            if thread is not None:  # a copy with the switch set
+                                script = tmp / f"fetch-{mode}.py"
+                                script.write_text(re.sub(
+                                    r"(?m)^HASH_THREAD = .*$", f"HASH_THREAD = {thread}",
+                                    (ROOT / "runtime" / "fetch.py").read_text()))
                             (model_dir / name).write_text(f"pointer {sha} {size}\n")
-                            got[who] = run_child(HOST.format(script=str(script)))
+                            got[who] = run_child(HOST.format(script=str(script), job=str(job)))
                             os.unlink(model_dir / name)
+                            for stamp in (model_dir).rglob(".chatglm-verified/*"):
+                                stamp.unlink()
                     rounds.append(got)
                     print(json.dumps({"size_mib": mib, "curl_s": round(got["curl_s"], 3),
                                       **{f"{w}_s": round(got[w]["seconds"], 3) for w in who_all},
@@ -217,9 +202,8 @@ def main():
     for r in results:
         for who in who_all:
             kind, _, mode = who.partition("-")
-            kind, _, rev = kind.partition("@")
             label = LABELS[kind] + (f", hash thread {'on' if mode == 'thread' else 'off'}"
-                                    if mode else "") + (f", at {rev}" if rev else "")
+                                    if mode else "")
             c = r[who]
             lines.append(f"| {r['size_mib']} MiB | {label} | {r['curl_mib_s']} | {c['mib_s']} | "
                          f"{c['ratio']} ({c['ratio_min']}-{c['ratio_max']}) | {c['cpu_s']} | "

@@ -5,10 +5,12 @@ file starts as its LFS pointer (oid sha256 + size). The weights are then fetched
 from the Seafile share, checked against that pointer, and moved over it.
 """
 
+import json
 import logging
 import shlex
 import shutil
 import threading
+from io import StringIO
 from pathlib import Path
 
 from pyinfra import host
@@ -22,7 +24,7 @@ from .settings import ROOT, SettingError, Settings, is_commit, load_toml
 from .system import FreeDiskBytes
 
 STAMPS = ".chatglm-verified"
-TEMPLATE = ROOT / "templates" / "fetch_weights.py.j2"
+FETCH = ROOT / "runtime" / "fetch.py"  # the downloader, run on hosts as it is
 GB = 10 ** 9  # data/models.toml gives memory and disk in GB
 MIB = 1 << 20
 logger = logging.getLogger("pyinfra")
@@ -345,26 +347,31 @@ def fetch_to_cache(state, host, cache: Path, share: str, share_path: str, name: 
     verified, so a blob present is never downloaded again. Returns False (failing only
     this host) when the share cannot deliver the file.
     """
-    import requests  # (with seafile) only when a download runs: a no-op run skips ~50 ms of imports
+    from tqdm import tqdm  # (with the downloader) only when a download runs: a no-op run skips their imports
 
-    from . import seafile
+    from runtime import fetch
 
     if attempts is None:
-        attempts = seafile.ATTEMPTS
+        attempts = fetch.ATTEMPTS
     target = cache / "blobs" / oid
     lock = _locks.setdefault(oid, threading.Lock())  # gevent's, under pyinfra's CLI
     try:
         with lock:
             if target.is_file() and target.stat().st_size == size:
                 return True
-            try:
-                file_path = seafile.find_file(share, share_path, Path(name).name, size,
-                                              attempts=attempts)
-            except seafile.ShareError as error:
-                raise seafile.ShareError(f"{error} (settings weights_share, seafile_url and "
-                                         "weights_share_path choose the share)") from None
-            seafile.download(share, file_path, target, oid, size, attempts=attempts)
-    except (seafile.ShareError, OSError, requests.RequestException) as error:
+            source = fetch.Share(share, share_path)
+            file_path = source.find(name, size, attempts)
+            with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                      desc=Path(name).name) as bar:
+                fetch.download(source, file_path, str(target), oid, size,
+                               f"{Path(name).name} (control cache)", "weights_cache",
+                               lambda: target.is_file() and target.stat().st_size == size,
+                               hidden=False, fsync=False, attempts=attempts,
+                               progress=lambda have, final=False: bar.update(have - bar.n))
+    except fetch.SourceError as error:
+        host.log_styled(f"weights: {error} ({fetch.SHARE_SETTINGS})", fg="red", log_func=logger.error)
+        return False
+    except (fetch.Final, OSError) as error:
         host.log_styled(f"weights: {error}", fg="red", log_func=logger.error)
         return False
     return True
@@ -414,7 +421,8 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str, mirror: st
     + mirror: for weights_mode='mirror', the URL of the folder holding this model's files
 
     weights_mode: 'control' downloads each file once into the control machine's cache and
-    uploads it; 'direct' and 'mirror' run templates/fetch_weights.py.j2 on the host. In
+    uploads it; 'direct' and 'mirror' copy the downloader (runtime/fetch.py) and a job file
+    listing the files to the host and run it there, its progress shown as it comes. In
     every mode the host hashes the file against the pointer before it replaces it. The
     pointers of the checked-out commit are indexed once (.chatglm-verified/.pointers-<sha>)
     so that LfsFiles reads them on later runs without starting git.
@@ -464,14 +472,16 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str, mirror: st
             yield _put_in_place(model_dir, name, f["oid"])
         return
 
-    script = f"{s.install_dir}/bin/fetch_weights_{Path(model_dir).name}.py"
-    yield from files_ops.template._inner(
-        src=str(TEMPLATE), dest=script, mode="644",
-        weights_mode=s.weights_mode, source_kind="mirror" if s.weights_mode == "mirror" else "seafile",
-        source=mirror if s.weights_mode == "mirror" else share, folder=share_path,
-        model_dir=model_dir, stamps=STAMPS, attempts=s.weights_attempts,
-        files=[{"name": n, "oid": f["oid"], "size": f["size"]} for n, f in sorted(todo.items())])
-    yield FunctionCommand(_run_shown, (StringCommand(QuoteString(s.python), QuoteString(script)),), {})
+    script, job = f"{s.install_dir}/bin/fetch.py", f"{s.install_dir}/bin/fetch-{Path(model_dir).name}.json"
+    yield from files_ops.put._inner(src=str(FETCH), dest=script, mode="644")
+    yield from files_ops.put._inner(src=StringIO(json.dumps({
+        "mode": "mirror" if s.weights_mode == "mirror" else "seafile",
+        "source": mirror if s.weights_mode == "mirror" else share, "folder": share_path,
+        "model_dir": model_dir, "stamps": STAMPS, "attempts": s.weights_attempts,
+        "files": [{"name": n, "oid": f["oid"], "size": f["size"]} for n, f in sorted(todo.items())],
+    }, indent=1) + "\n"), dest=job, mode="644")
+    yield FunctionCommand(_run_shown, (StringCommand(QuoteString(s.python), QuoteString(script),
+                                                     QuoteString(job)),), {})
 
 
 def _run_shown(state, host, command: StringCommand) -> bool:

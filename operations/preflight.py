@@ -22,7 +22,8 @@ import requests
 from gevent.lock import Semaphore
 from pyinfra import logger
 
-from . import seafile
+from runtime import fetch
+
 from .settings import SettingError, is_commit
 
 # Answers of upload-pack (git daemon, GitHub, Hugging Face) for a commit the remote lacks.
@@ -209,15 +210,16 @@ def check_share(host_name: str, settings: dict, share: str, folder: str, pointer
 
 def _list_share(host_name, settings, share, folder) -> dict:
     try:
-        seafile.list_folder(share, "/", attempts=2)
-    except (seafile.ShareError, ValueError) as error:
+        source = fetch.Share(share)
+        source.list("/", attempts=2)
+    except fetch.Final as error:
         raise SettingError(host_name, settings["share"], f"= {share!r} does not answer as a "
                            f"Seafile share link: {error}",
                            "copy the share link (https://HOST/d/TOKEN/) of the weights again, "
                            "or set check_sources=False if only the hosts can reach it") from None
     try:
-        entries = seafile.list_folder(share, folder, attempts=2)
-    except seafile.ShareError as error:
+        entries = source.list(folder, attempts=2)
+    except fetch.Final as error:
         raise SettingError(host_name, settings["folder"], f"= {folder!r} is not a folder of "
                            f"{share}: {error}",
                            "name the share's folder that holds the weight files") from None

@@ -311,6 +311,29 @@ ATTENTION_CONFIG = (64, 4, 3)  # (BLOCK_T keys per iteration, num_warps, num_sta
 SPLIT_CONFIG = (64, 4, 3, 8)   # the same plus the number of splits per head
 SPLIT_BELOW = 132              # split when fewer (sequence, head) pairs than this: one per SM
 
+SETTINGS_ENV = "CHATGLM_KERNEL_SETTINGS"
+
+
+def settings() -> dict:
+    return {"gemv": {str(b): list(c) for b, c in GEMV_CONFIG.items()},
+            "small_batch": {str(b): list(c) for b, c in SMALL_BATCH_CONFIG.items()},
+            "attention": list(ATTENTION_CONFIG), "split": list(SPLIT_CONFIG)}
+
+
+def apply_settings(values: dict) -> None:
+    """Launch settings found by a sweep on this GPU (JSON as settings() writes it). The deploy
+    warms Triton's cache with the same settings, so that they cost no compile at load."""
+    global ATTENTION_CONFIG, SPLIT_CONFIG
+    for key, table in (("gemv", GEMV_CONFIG), ("small_batch", SMALL_BATCH_CONFIG)):
+        for bits, config in values.get(key, {}).items():
+            table[int(bits)] = tuple(config)
+    ATTENTION_CONFIG = tuple(values.get("attention", ATTENTION_CONFIG))
+    SPLIT_CONFIG = tuple(values.get("split", SPLIT_CONFIG))
+
+
+if os.environ.get(SETTINGS_ENV):
+    apply_settings(json.loads(os.environ[SETTINGS_ENV]))
+
 
 def split_attention(qkv, k_cache, v_cache, cos, sin, slots, lengths, positions, blocks, num_heads, out=None,
                     config=None):
@@ -407,7 +430,8 @@ def main(argv=None):
     before = sum(len(files) for _, _, files in os.walk(cache_dir())) if os.path.isdir(cache_dir()) else 0
     timings = warm(**shapes, bits_list=tuple(int(b) for b in args.bits.split(",") if b))
     after = sum(len(files) for _, _, files in os.walk(cache_dir()))
-    print(json.dumps({"cache_dir": cache_dir(), "seconds": timings, "new_cache_files": after - before, **shapes}))
+    print(json.dumps({"cache_dir": cache_dir(), "seconds": timings, "new_cache_files": after - before,
+                      "settings": settings(), **shapes}))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -35,11 +36,12 @@ from typing import Literal, Optional, Union
 
 import anyio
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 log = logging.getLogger("chatglm.server")
 
@@ -66,6 +68,7 @@ class Settings:
     model_name: str = "chatglm-6b"      # the id /v1/models lists and answers carry
     backend: str = "auto"               # auto (engine when it loads, else stream_chat), engine, stream_chat
     drain_timeout_s: float = 30.0       # on SIGTERM: how long in-flight requests may still run
+    threads: int = 0                    # torch's CPU threads; 0: torch's default (one per core)
     api_key: str = field(default="", repr=False)  # read from api_key_file, never printed
 
     @property
@@ -108,7 +111,8 @@ def settings_from_dict(data: dict, source: str = "config") -> Settings:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise ConfigError(f"{source}: setting {name!r} must be a {kind.__name__}, not {value!r}")
+            kind_name = {int: "an integer", float: "a number", str: "a string"}[kind]
+            raise ConfigError(f"{source}: setting {name!r} must be {kind_name}, not {value!r}")
         values[name] = value
     for name, choices in _CHOICES.items():
         if name in values and values[name] not in choices:
@@ -118,6 +122,8 @@ def settings_from_dict(data: dict, source: str = "config") -> Settings:
             raise ConfigError(f"{source}: setting {name!r} must be at least 1, not {values[name]}")
     if not 0 <= values.get("port", 8000) <= 65535:
         raise ConfigError(f"{source}: setting 'port' must be 0-65535, not {values['port']}")
+    if values.get("threads", 0) < 0:
+        raise ConfigError(f"{source}: setting 'threads' must be 0 (torch's default) or more")
     if values.get("drain_timeout_s", 30.0) < 0:
         raise ConfigError(f"{source}: setting 'drain_timeout_s' must not be negative")
     settings = Settings(**values)
@@ -212,6 +218,28 @@ def text_delta(sent: str, text: str) -> str:
     return text[len(sent):] if text.startswith(sent) else ""
 
 
+class Detokenizer:
+    """The text of a growing answer, one token at a time, decoding only the last few tokens:
+    decoding the whole answer after every token would cost time growing with its length.
+
+    Two decodes of one window that starts at `prefix` (the tokens up to `read` already sent,
+    and those plus the new ones) give the new text as their difference; a window's own first
+    token decodes the same way in both, whatever the tokenizer does at a window's start. The
+    window moves up once the text is whole (no partial character at its end)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        sent = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if text.endswith("\ufffd") or not text.startswith(sent):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(sent):]
+
+
 # --- jobs and the worker ------------------------------------------------------------------------
 
 
@@ -235,20 +263,39 @@ class Job:
 
     def deliver(self, delta: str, finish: Optional[str] = None, error: Optional[str] = None) -> None:
         """From the worker: text for the client, and with the last event why it ended."""
-        if finish or error:
-            self.done = True
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (delta, finish, error))
-        except RuntimeError:  # the event loop has closed: nobody is waiting any more
-            pass
+        deliver_all([(self, delta, finish, error)])
 
     async def stream(self):
-        """(delta, finish_reason, error) as they come, until the last one."""
+        """(text, finish_reason, error) as they come, until the last one. Text that piled up
+        while this request's sends were slow comes as one piece: fewer, larger writes."""
         while True:
             delta, finish, error = await self.events.get()
+            while not (finish or error) and not self.events.empty():
+                more, finish, error = self.events.get_nowait()
+                delta += more
             yield delta, finish, error
             if finish or error:
                 return
+
+
+def deliver_all(events) -> None:
+    """From the worker: (job, text, finish, error) of a whole step, handed to each event loop in
+    one call (one wake-up of the loop per step, not one per job)."""
+    by_loop = {}
+    for job, delta, finish, error in events:
+        if finish or error:
+            job.done = True
+        by_loop.setdefault(job.loop, []).append((job, delta, finish, error))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the event loop has closed: nobody is waiting any more
+            pass
+
+
+def _put_all(items) -> None:
+    for job, delta, finish, error in items:
+        job.events.put_nowait((delta, finish, error))
 
 
 class Backend:
@@ -320,7 +367,7 @@ class EngineBackend(Backend):
     def __init__(self, engine, tokenizer, capacity: int):
         self.engine, self.tokenizer, self.capacity = engine, tokenizer, capacity
         self.slots: dict = {}       # slot -> job
-        self.tokens: dict = {}      # job id -> generated token ids
+        self.texts: dict = {}       # job id -> its Detokenizer
         # Either ends an answer, as in the model's own chat(); the engine stops on them and
         # reports the stop token, which is not part of the answer.
         self.stop_ids = {tokenizer.eos_token_id, getattr(tokenizer, "end_token_id", None)} - {None}
@@ -329,7 +376,7 @@ class EngineBackend(Backend):
         slot = self.engine.add(job.prompt_ids, max_new_tokens=job.max_new_tokens, temperature=job.temperature,
                                top_p=job.top_p, stop_ids=sorted(self.stop_ids))
         self.slots[slot] = job
-        self.tokens[job.id] = []
+        self.texts[job.id] = Detokenizer(self.tokenizer)
 
     def step(self):
         results = []
@@ -340,9 +387,7 @@ class EngineBackend(Backend):
             delta = ""
             if token_id is not None and token_id not in self.stop_ids:
                 job.completion_tokens += 1
-                ids = self.tokens[job.id]
-                ids.append(token_id)
-                delta = text_delta(job.sent, self.tokenizer.decode(ids))
+                delta = self.texts[job.id].add(token_id)
                 job.sent += delta
             finish = None
             if finished:
@@ -359,7 +404,7 @@ class EngineBackend(Backend):
 
     def _forget(self, slot):
         job = self.slots.pop(slot)
-        self.tokens.pop(job.id, None)
+        self.texts.pop(job.id, None)
 
 
 class QueueFull(Exception):
@@ -457,7 +502,7 @@ class Scheduler:
                     # counts an answered request as generating.
                     self.running.remove(job)
                     self.job_seconds += (now - job.started - self.job_seconds) / 8
-                job.deliver(delta, finish)
+            deliver_all([(job, delta, finish, None) for job, delta, finish in events])
         # Whatever is left when the worker stops ends now, so no handler waits for ever.
         with self.cond:
             leftover, self.waiting = list(self.waiting) + self.running, collections.deque()
@@ -482,6 +527,10 @@ def load_model(settings: Settings):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    if settings.threads:
+        # On a CPU shared with other work, torch's one thread per core can spend more time
+        # waiting at its own barriers than computing.
+        torch.set_num_threads(settings.threads)
     tokenizer = AutoTokenizer.from_pretrained(settings.model_dir, trust_remote_code=True)
     model = AutoModel.from_pretrained(settings.model_dir, trust_remote_code=True)
     model = (model.half().cuda() if settings.device == "cuda" else model.float()).eval()
@@ -503,6 +552,9 @@ def make_backend(settings: Settings, model, tokenizer) -> Backend:
             log.warning("batching engine not available (%s: %s); serving one request at a time "
                         "through the model's stream_chat", type(exc).__name__, exc)
     return StreamChatBackend(model, tokenizer, max_length)
+
+
+INLINE_TOKENIZE_CHARS = 1000
 
 
 class Service:
@@ -582,9 +634,9 @@ class Service:
         """The tokenized prompt, refused when it is over max_prompt_tokens."""
         limit = self.settings.max_prompt_tokens
         prompt = build_prompt(query, history)
-        # A token is at least one character, so text this long is over the limit without
-        # spending CPU on tokenizing it.
-        if len(prompt) > limit * 64:
+        # No token of ChatGLM-6B's vocabulary stands for more than 80 characters (its longest
+        # pieces are runs of spaces), so text this long is over the limit without tokenizing it.
+        if len(prompt) > limit * 100:
             raise RequestError(400, f"the prompt is {len(prompt)} characters, far over this server's limit of "
                                f"{limit} tokens (max_prompt_tokens)", code="prompt_too_long")
         ids = self.tokenizer(prompt)["input_ids"]
@@ -595,7 +647,10 @@ class Service:
 
     async def tokenize(self, query: str, history: list) -> list[int]:
         self.check_ready()
-        # Tokenizing is CPU work that grows with the input: off the event loop.
+        # Tokenizing grows with the input: a long conversation goes off the event loop; a short
+        # one (well under a millisecond) costs less than the hop to a thread and back.
+        if len(query) + sum(len(q) + len(a) for q, a in history) <= INLINE_TOKENIZE_CHARS:
+            return self.prompt_ids(query, history)
         return await anyio.to_thread.run_sync(self.prompt_ids, query, history)
 
     def enqueue(self, query: str, history: list, ids: list[int], max_new_tokens: int, temperature: float,
@@ -747,7 +802,9 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(service: Service) -> FastAPI:
+def create_app(service: Service) -> Starlette:
+    """Starlette's routing and error handling, no more: bodies are parsed and validated here
+    (parse_body), responses streamed by JobResponse; a lighter stack is less work per request."""
     settings = service.settings
 
     created = int(time.time())
@@ -758,30 +815,28 @@ def create_app(service: Service) -> FastAPI:
         yield
         await anyio.to_thread.run_sync(service.stop)
 
-    app = FastAPI(title="ChatGLM-6B", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.exception_handler(RequestError)
     async def request_error(request, exc: RequestError):
         return JSONResponse(error_body(exc.message, exc.status, exc.param, exc.code), exc.status,
                             headers=exc.headers)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, exc: StarletteHTTPException):
+    async def unexpected(request, exc: Exception):
+        # Logged with its traceback here; the client learns only that it failed.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body("internal error; see the server's log", 500), 500)
+
+    async def http_error(request, exc: HTTPException):
         message = {404: f"no such endpoint: {request.method} {request.url.path}",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
         return JSONResponse(error_body(message, exc.status_code), exc.status_code, headers=exc.headers)
 
-    @app.get("/health")
-    async def health():
+    async def health(request):
         body = service.health()
         return JSONResponse(body, 200 if body["status"] == "ready" else 503)
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model",
-                                            "created": created, "owned_by": "chatglm-deploy"}]}
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": settings.model_name, "object": "model",
+                                                         "created": created, "owned_by": "chatglm-deploy"}]})
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await parse_body(request, ChatRequest)
         if body.stop:
@@ -837,7 +892,6 @@ def create_app(service: Service) -> FastAPI:
 
         return JobResponse(service.scheduler, job, stream if body.stream else whole)
 
-    @app.post("/")
     async def plain_chat(request: Request):
         body = await parse_body(request, PlainRequest)
         history = [tuple(turn) for turn in body.history]
@@ -867,7 +921,11 @@ def create_app(service: Service) -> FastAPI:
 
         return JobResponse(service.scheduler, job, whole)
 
-    return app
+    routes = [Route("/health", health, methods=["GET"]), Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/", plain_chat, methods=["POST"])]
+    handlers = {RequestError: request_error, HTTPException: http_error, Exception: unexpected}
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
 
 
 class Server(uvicorn.Server):
@@ -916,6 +974,11 @@ def main(argv=None) -> int:
         print(f"chatglm server: {exc}", file=sys.stderr)
         return 2
     if args.check:
+        # What only the host can tell: the model checkout is there.
+        if not os.path.isfile(os.path.join(settings.model_dir, "config.json")):
+            print(f"chatglm server: setting 'model_dir': {settings.model_dir} holds no model (no config.json)",
+                  file=sys.stderr)
+            return 2
         print(f"{args.config}: OK ({settings.host}:{settings.port}, "
               f"{'API key set' if settings.api_key else 'no API key'})")
         return 0

@@ -221,7 +221,10 @@ def test_direct_with_share_faults_mirror_and_floating_april_revision(lab, fresh_
     text = lab.ssh("h17", f"cat {d}/quantization.py").stdout
     ast.parse(text)
     lines = text.splitlines()
-    at = next(i for i, line in enumerate(lines) if MARK in line)
+    first_mark, at = [i for i, line in enumerate(lines) if MARK in line]
+    assert lines[first_mark - 1:first_mark + 1] == [  # load_cpu_kernel() itself, for every caller
+        "def load_cpu_kernel(**kwargs):",
+        f"    kwargs.setdefault(\"kernel_file\", '{d}/quantization_kernels.so')  {MARK}"]
     assert lines[at - 1:at + 2] == [
         "    try:", f"        kwargs.setdefault(\"kernel_file\", '{d}/quantization_kernels.so')  {MARK}",
         "        load_cpu_kernel(**kwargs)"], lines[at - 1:at + 2]

@@ -6,6 +6,7 @@ compared; nothing connects anywhere.
 The lab tests (tests/test_model_lab.py) run the same operations for real.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -292,18 +293,20 @@ def test_weights_control_mode():
 @pytest.mark.parametrize("mode, kind, source", [("direct", "seafile", SHARE),
                                                 ("mirror", "mirror", "http://m.lan/chatglm-6b-int4/")])
 def test_weights_on_the_host(mode, kind, source):
-    script = "/opt/chatglm/bin/fetch_weights_chatglm-6b-int4.py"
+    script, job = "/opt/chatglm/bin/fetch.py", "/opt/chatglm/bin/fetch-chatglm-6b-int4.json"
     facts = {f"files.File(path={script})": None, f"files.Directory(path={script})": None,
+             f"files.File(path={job})": None, f"files.Directory(path={job})": None,
              "files.Directory(path=/opt/chatglm/bin)": {"mode": 755}}
     data = {"weights_mirror": "http://m.lan/"} if mode == "mirror" else {}
     commands, _ = weights(lfs(), extra_facts=facts, weights_mode=mode, weights_attempts=3, **data)
-    upload = commands[1]
-    assert upload["upload"] == script
-    content = upload["content"]
-    assert f'MODE = "{kind}"' in content and f'SOURCE = "{source}"' in content
-    assert f'"oid": "{OID}"' in content and "ATTEMPTS = 3" in content
+    # The downloader as it is in the repository, and its job.
+    assert commands[1] == {"upload": script, "src": str(model.FETCH)}
+    upload = [c for c in commands if isinstance(c, dict) and c.get("upload") == job][0]
+    assert json.loads(upload["content"]) == {
+        "mode": kind, "source": source, "folder": "/chatglm-6b-int4/", "model_dir": D, "stamps": model.STAMPS, "attempts": 3,
+        "files": [{"name": "pytorch_model.bin", "oid": OID, "size": 1000}]}
     # Run so that its progress lines show as they come, at the default verbosity.
-    assert commands[-1] == {"function": "_run_shown", "command": f"python3 {script}"}
+    assert commands[-1] == {"function": "_run_shown", "command": f"python3 {script} {job}"}
 
 
 def test_weights_too_little_disk_fails_before_downloading():

@@ -327,9 +327,10 @@ def test_stats_count_bytes(seaf):
     dirents(seaf, "abc123")
     stats = requests.get(f"{seaf.url}/_lab/stats").json()
     assert stats == {"requests": 5, "bytes_sent": SIZE + 10,
-                     "per_file": {"/big.bin": SIZE + 10}, "redirects": 1}
+                     "per_file": {"/big.bin": SIZE + 10}, "redirects": 1, "listings": 1}
     requests.delete(f"{seaf.url}/_lab/stats")
-    assert seaf.stats() == {"requests": 0, "bytes_sent": 0, "per_file": {}, "redirects": 0}
+    assert seaf.stats() == {"requests": 0, "bytes_sent": 0, "per_file": {}, "redirects": 0,
+                            "listings": 0}
 
 
 def test_stop_leaves_no_threads(tree):

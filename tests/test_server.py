@@ -27,12 +27,12 @@ if "HF_MODULES_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, _modules_cache, ignore_errors=True)
 
 pytest.importorskip("torch")
-pytest.importorskip("fastapi")
+pytest.importorskip("starlette")
 openai = pytest.importorskip("openai")
 
 from runtime import server  # noqa: E402
-from runtime.server import (Backend, ConfigError, Job, QueueFull, RequestError, Scheduler,  # noqa: E402
-                            build_prompt, settings_from_dict, text_delta, turns_from_messages)
+from runtime.server import (Backend, ConfigError, Detokenizer, Job, QueueFull, RequestError,  # noqa: E402
+                            Scheduler, build_prompt, settings_from_dict, text_delta, turns_from_messages)
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-5f1c0a9e"
@@ -90,6 +90,23 @@ def test_text_delta():
     assert text_delta("", "") == ""
 
 
+class ByteTokenizer:
+    """Token ids are UTF-8 bytes: a character comes whole only with its last byte."""
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_detokenizer_sends_whole_characters_in_order():
+    text = "Hello, 你好！ café ☕ done"
+    detokenizer = Detokenizer(ByteTokenizer())
+    pieces = [detokenizer.add(byte) for byte in text.encode()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert pieces[:3] == ["H", "e", "l"] and pieces[7:10] == ["", "", "你"]
+    assert len(detokenizer.ids) - detokenizer.prefix <= 4  # the window stays short
+
+
 def test_settings(tmp_path):
     s = settings_from_dict({"model_dir": "/m"})
     assert (s.host, s.port, s.api_key, s.backend, s.loopback) == ("127.0.0.1", 8000, "", "auto", True)
@@ -106,9 +123,10 @@ def test_settings(tmp_path):
 @pytest.mark.parametrize("data, wanted", [
     ({}, "'model_dir' is missing"),
     ({"model_dir": "/m", "prot": 1}, "unknown setting 'prot'"),
-    ({"model_dir": "/m", "port": "80"}, "'port' must be a int"),
+    ({"model_dir": "/m", "port": "80"}, "'port' must be an integer, not '80'"),
     ({"model_dir": "/m", "queue_size": 0}, "'queue_size' must be at least 1"),
     ({"model_dir": "/m", "device": "tpu"}, "'device' is 'tpu'; use one of cpu, cuda"),
+    ({"model_dir": "/m", "threads": -1}, "'threads' must be 0"),
     ({"model_dir": "/m", "host": "0.0.0.0"}, "'host' is '0.0.0.0', reachable from other machines, and no API key"),
     ({"model_dir": "/m", "host": "myhost"}, "no API key"),
     ({"model_dir": "/m", "api_key_file": "/nonexistent/key"}, "cannot read /nonexistent/key"),
@@ -218,6 +236,8 @@ class Gate(Backend):
     def __init__(self, inner):
         self.inner, self.capacity = inner, inner.capacity
         self.cond, self.open_, self.steps = threading.Condition(), True, {}
+        self.widest = 0             # most jobs one step advanced
+        self.fail_next = False      # the next step raises, as a failing model would
 
     def shut(self):
         with self.cond:
@@ -237,7 +257,11 @@ class Gate(Backend):
     def step(self):
         with self.cond:
             self.cond.wait_for(lambda: self.open_, timeout=60)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the model broke")
         events = self.inner.step()
+        self.widest = max(self.widest, len(events))
         for job, _, _ in events:
             self.steps[job.id] = self.steps.get(job.id, 0) + 1
         return events
@@ -369,6 +393,15 @@ def test_openai_client_streams_and_answers(keyed):
         openai.OpenAI(base_url=f"http://127.0.0.1:{keyed.port}/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_detokenizer_with_the_model_tokenizer(keyed):
+    tokenizer = keyed.service.tokenizer
+    # Rare characters come as byte tokens; spaces, tabs and newlines have pieces of their own.
+    text = "你好！Hello  world\n\tprint(x)  " + "".join(chr(0x4E00 + i * 7) for i in range(12)) + " end"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = Detokenizer(tokenizer)
+    assert "".join(detokenizer.add(i) for i in ids) == tokenizer.decode(ids) == text
+
+
 def test_upstream_api_format(keyed):
     status, _, body = request(keyed.port, "POST", "/", {"prompt": "请介绍一下你自己。",
                                                           "history": [["你好！", "你好！"]], "temperature": 0.01},
@@ -448,6 +481,43 @@ def test_full_queue_answers_429(keyed):
         assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
         conn.close()
     assert request(port, "POST", "/v1/chat/completions", QUESTION, key=KEY)[0] == 200
+
+
+def test_concurrent_requests_share_steps(keyed):
+    gate, port, scheduler = keyed.gate, keyed.port, keyed.service.scheduler
+    gate.shut()
+    gate.widest = 0
+    streams = [open_stream(port, {**QUESTION, "max_tokens": 8, "temperature": 0})]
+    wait_for(lambda: scheduler.active == 1, what="the first job to start")
+    streams.append(open_stream(port, {**QUESTION, "max_tokens": 8, "temperature": 0}))
+    wait_for(lambda: scheduler.queued == 1, what="the second job to wait")
+    # /health answers while the worker is busy: nothing waits on the model but the model's jobs.
+    started = time.monotonic()
+    assert request(port, "GET", "/health")[0] == 200 and time.monotonic() - started < 2
+    gate.open()
+    texts = []
+    for conn, response in streams:
+        events = read_events(response)
+        texts.append("".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
+                             for e in events[:-1] if json.loads(e)["choices"]))
+        conn.close()
+    assert texts[0] == texts[1] and texts[0]  # greedy: batched or not, the same answer
+    # The second job joined the first between two steps (engine), or waited for it (stream_chat).
+    assert gate.widest == min(2, gate.capacity)
+
+
+def test_failed_generation_answers_500_and_serving_goes_on(keyed):
+    keyed.gate.fail_next = True
+    status, _, body = request(keyed.port, "POST", "/v1/chat/completions", {**QUESTION, "max_tokens": 4}, key=KEY)
+    assert status == 500 and body["error"]["message"] == "generation failed: RuntimeError: the model broke"
+    keyed.gate.fail_next = True
+    conn, response = open_stream(keyed.port, {**QUESTION, "max_tokens": 4})
+    events = read_events(response)
+    conn.close()
+    assert json.loads(events[-1])["error"]["message"] == "RuntimeError: the model broke"
+    status, _, body = request(keyed.port, "POST", "/", {"prompt": "你好！", "temperature": 0.01}, key=KEY)
+    assert status == 200 and body["response"]
+    assert request(keyed.port, "GET", "/health")[2]["active"] == 0
 
 
 def test_disconnect_cancels_generation(keyed):
@@ -574,6 +644,19 @@ def test_program_refuses_bad_settings(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "runtime.server", "--config", str(config), "--check"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown setting 'colour'" in proc.stderr
+    write_config(config, model_dir=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "runtime.server", "--config", str(config), "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "setting 'model_dir'" in proc.stderr and "no config.json" in proc.stderr
+
+
+def test_program_check_accepts_good_settings(model_dir, tmp_path):
+    (tmp_path / "key").write_text(KEY)
+    config = write_config(tmp_path / "server.toml", model_dir=model_dir, host="0.0.0.0", port=free_port(),
+                          api_key_file=str(tmp_path / "key"))
+    proc = subprocess.run([sys.executable, "-m", "runtime.server", "--config", str(config), "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout and KEY not in proc.stdout + proc.stderr
 
 
 def test_program_sigterm_drains_in_flight_requests(model_dir, tmp_path):

@@ -1,14 +1,15 @@
-"""Both weight downloaders through the same share faults, against the Seafile stand-in.
+"""The weight downloader (runtime/fetch.py) both ways it runs, through the same share faults,
+against the Seafile stand-in.
 
-`control` is operations/seafile.py (requests + tqdm, run by pyinfra on the control
-machine); `host` is templates/fetch_weights.py.j2 rendered as the deploy renders it and
-run with this machine's Python as it runs on a host (standard library only). Every
-fault must end in a resumed download or a clear error, and never in a wrong file
-where the weights belong.
+`control` is the module imported as operations/model.py's fetch_to_cache uses it (into the
+content-addressed cache, in this process); `host` is the same file run as a program with a
+job file, as the weights operation runs it on a host. Every fault must end in a resumed
+download or a clear error, and never in a wrong file where the weights belong.
 """
 
 import ast
 import hashlib
+import json
 import os
 import re
 import resource
@@ -22,9 +23,8 @@ import pytest
 
 from lab.pyindex import StaticServer
 from lab.seafile import SeafileStandIn
-from operations import seafile
-from operations.model import STAMPS, TEMPLATE
-from pyinfra.api.util import get_template
+from operations.model import FETCH, STAMPS
+from runtime import fetch as fetcher
 
 TOKEN = "674208019e314311ab5c"
 FOLDER = "/chatglm-6b-int4/"
@@ -62,23 +62,24 @@ class Result:
 
 
 def run_control(seaf, tmp, data, size=SIZE, partial=b"", name=NAME, fsize=None, lock_wait=10):
-    """operations/seafile.py as fetch_to_cache uses it: find, download into the cache.
+    """The downloader as fetch_to_cache uses it: find, download into the cache.
     fsize: a file size limit (RLIMIT_FSIZE) while it downloads."""
     oid = hashlib.sha256(data).hexdigest()
     target = tmp / "cache" / "blobs" / oid
     target.parent.mkdir(parents=True, exist_ok=True)
     if partial:
         target.with_name(oid + ".partial").write_bytes(partial)
-    share_url = f"{seaf.url}/d/{TOKEN}/"
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     try:
-        path = seafile.find_file(share_url, FOLDER, name, size, backoff=0)
+        source = fetcher.Share(f"{seaf.url}/d/{TOKEN}/", FOLDER)
+        path = source.find(name, size, pause=0)
         if fsize:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, limits[1]))
-        seafile.download(share_url, path, target, oid, size, progress=False, backoff=0,
-                         attempts=3, lock_wait=lock_wait)
+        fetcher.download(source, path, str(target), oid, size, f"{name} (control cache)",
+                         "weights_cache", lambda: target.is_file() and target.stat().st_size == size,
+                         hidden=False, fsync=False, pause=0, attempts=3, lock_wait=lock_wait)
         error = ""
-    except seafile.ShareError as e:
+    except fetcher.Final as e:
         error = str(e)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
@@ -87,19 +88,19 @@ def run_control(seaf, tmp, data, size=SIZE, partial=b"", name=NAME, fsize=None, 
     return Result(not error, error, placed, left.read_bytes() if left.exists() else None)
 
 
-def render_fetcher(tmp, source_kind, source, files, folder=FOLDER) -> Path:
+def write_job(tmp, mode, source, files, folder=FOLDER) -> Path:
     model_dir = tmp / "model"
     model_dir.mkdir(exist_ok=True)
-    script = tmp / "fetch_weights.py"
-    script.write_text(get_template(str(TEMPLATE)).render(
-        weights_mode="direct" if source_kind == "seafile" else "mirror", source_kind=source_kind,
-        source=source, folder=folder, model_dir=str(model_dir), stamps=STAMPS, files=files, attempts=6))
-    return script
+    job = tmp / "job.json"
+    job.write_text(json.dumps({"mode": mode, "source": source, "folder": folder,
+                               "model_dir": str(model_dir), "stamps": STAMPS, "files": files,
+                               "attempts": 6}))
+    return job
 
 
 def run_host(seaf, tmp, data, size=SIZE, partial=b"", name=NAME, mirror=None, fsize=None,
              lock_wait=10):
-    """templates/fetch_weights.py.j2 as the weights operation runs it on a host.
+    """runtime/fetch.py run with a job file, as the weights operation runs it on a host.
     fsize: a file size limit (RLIMIT_FSIZE) for the fetcher's process."""
     oid = hashlib.sha256(data).hexdigest()
     model_dir = tmp / "model"
@@ -108,10 +109,10 @@ def run_host(seaf, tmp, data, size=SIZE, partial=b"", name=NAME, mirror=None, fs
     if partial:
         (model_dir / f".{name}.partial").write_bytes(partial)
     files = [{"name": name, "oid": oid, "size": size}]
-    script = (render_fetcher(tmp, "mirror", mirror, files) if mirror else
-              render_fetcher(tmp, "seafile", f"{seaf.url}/d/{TOKEN}/", files))
+    job = (write_job(tmp, "mirror", mirror, files) if mirror else
+           write_job(tmp, "seafile", f"{seaf.url}/d/{TOKEN}/", files))
     limit = fsize and (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize)))
-    proc = subprocess.run([sys.executable, str(script), "--attempts", "3", "--backoff", "0",
+    proc = subprocess.run([sys.executable, str(FETCH), str(job), "--attempts", "3", "--backoff", "0",
                            "--lock-wait", str(lock_wait)],
                           capture_output=True, text=True, timeout=60, preexec_fn=limit or None)
     errors = [l[len("ERROR: "):] for l in proc.stderr.splitlines() if l.startswith("ERROR: ")]
@@ -140,7 +141,7 @@ def resumed(seaf) -> bool:
     """Resumed, not restarted: at most the bytes of the read the break spoiled come twice
     (urllib3 drops a short read; http.client keeps it)."""
     sent = seaf.stats()["per_file"][FILE_PATH]
-    return SIZE <= sent <= SIZE + seafile.READ
+    return SIZE <= sent <= SIZE + fetcher.BLOCK
 
 
 @pytest.fixture(params=sorted(DRIVERS))
@@ -158,7 +159,7 @@ def test_clean_download(fetch, seaf, share):
 
 def test_hashing_on_the_downloading_thread_gives_the_same_result(seaf, share, tmp_path,
                                                                  monkeypatch):
-    monkeypatch.setattr(seafile, "HASH_THREAD", False)
+    monkeypatch.setattr(fetcher, "HASH_THREAD", False)
     seaf.add_faults([{"match": NAME, "kind": "cut", "after": 300_000}])
     r = run_control(seaf, tmp_path, share[1])
     assert r.ok and r.placed == share[1] and resumed(seaf)
@@ -255,24 +256,40 @@ def test_mirror_missing_file_is_a_clear_error(seaf, share, tmp_path, mirror):
 def test_free_space_is_checked_before_downloading(seaf, share, tmp_path):
     oid = hashlib.sha256(share[1]).hexdigest()
     files = [{"name": NAME, "oid": oid, "size": 1 << 60}]
-    script = render_fetcher(tmp_path, "seafile", f"{seaf.url}/d/{TOKEN}/", files)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    job = write_job(tmp_path, "seafile", f"{seaf.url}/d/{TOKEN}/", files)
+    proc = subprocess.run([sys.executable, str(FETCH), str(job)], capture_output=True, text=True,
+                          timeout=30)
     assert proc.returncode == 1 and "GB needed for the weights" in proc.stderr
     assert seaf.stats()["requests"] == 0
-    with pytest.raises(seafile.ShareError, match="GB needed"):
-        seafile.download(f"{seaf.url}/d/{TOKEN}/", FILE_PATH, tmp_path / "x", oid, 1 << 60,
-                         progress=False)
+    with pytest.raises(fetcher.DiskError, match="GB needed; free some space .or set weights_cache"):
+        fetcher.download(fetcher.Share(f"{seaf.url}/d/{TOKEN}/"), FILE_PATH, str(tmp_path / "x"),
+                         oid, 1 << 60, "x", "weights_cache", lambda: False, hidden=False)
 
 
-def test_fetcher_is_standard_library_python_3_8(tmp_path):
-    source = render_fetcher(tmp_path, "seafile", "https://cloud.example/d/abc/", []).read_text()
+def test_fetcher_is_standard_library_python_3_8():
+    source = FETCH.read_text()
     ast.parse(source, feature_version=(3, 8))
     imported = {n.names[0].name.split(".")[0] for n in ast.walk(ast.parse(source))
                 if isinstance(n, ast.Import)}
     imported |= {n.module.split(".")[0] for n in ast.walk(ast.parse(source))
                  if isinstance(n, ast.ImportFrom)}
     assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
-    assert "FILES = []" in source and "ATTEMPTS = 6" in source
+
+
+def test_progress_lines_on_stdout_every_few_seconds(seaf, share, tmp_path, monkeypatch, capsys):
+    """A host's download says where it is (bytes, rate, ETA) on stdout, at most every
+    PROGRESS_EVERY seconds and once at the end."""
+    seaf.add_faults([{"match": NAME, "kind": "slow", "delay": 1.5}])
+    monkeypatch.setattr(fetcher, "PROGRESS_EVERY", 0.5)
+    oid = hashlib.sha256(share[1]).hexdigest()
+    files = [{"name": NAME, "oid": oid, "size": SIZE}]
+    job = write_job(tmp_path, "seafile", f"{seaf.url}/d/{TOKEN}/", files)
+    (tmp_path / "model" / NAME).write_text(pointer_text(oid, SIZE))
+    assert fetcher.main([str(job), "--backoff", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert 2 <= len(lines) <= 5, lines
+    assert re.fullmatch(r"pytorch_model\.bin: 683\.6 KiB of 683\.6 KiB \(100%\), .*/s, ETA 0m00s",
+                        lines[-1]), lines
 
 
 # -- the disk fills up: final at once, the .partial kept for the rerun, nothing in place
@@ -306,7 +323,7 @@ def assert_disk_error(r, seaf, driver, part, name, data, strerror, least):
     bytes, a prefix of data) and said where, how much, and which setting frees it."""
     assert not r.ok and r.placed is None
     assert least <= len(r.partial) < len(data) and r.partial == data[:len(r.partial)]
-    who = "the control cache" if driver == "control" else name
+    who = f"{name} (control cache)" if driver == "control" else name
     setting = "weights_cache" if driver == "control" else "install_dir"
     assert r.error == (
         f"{who}: {strerror} while writing {part} ({len(r.partial)} of {len(data)} bytes "
@@ -437,7 +454,7 @@ def test_second_downloader_gives_up_with_a_clear_error(request, seaf, share, tmp
         first = join()
         assert first.ok and first.placed == share[1] and not lock.exists()
         assert not second.ok
-        what = (f"the control cache: {lock.with_suffix('')}" if driver == "control" else NAME)
+        what = f"{NAME} (control cache)" if driver == "control" else NAME
         assert re.fullmatch(
             rf"{re.escape(what)}: another download of it is running \(pid \d+ holds "
             rf"{re.escape(str(lock))}\); wait for it to end, or stop it, and rerun",
@@ -447,17 +464,22 @@ def test_second_downloader_gives_up_with_a_clear_error(request, seaf, share, tmp
 def test_fetcher_command_line(tmp_path):
     """The fetcher reads its options by hand (no argparse): the forms argparse took, its
     exit status 2 and a usage line on a bad one, --help."""
-    script = render_fetcher(tmp_path, "mirror", "http://127.0.0.1:9/", [])
+    job = write_job(tmp_path, "mirror", "http://127.0.0.1:9/", [])
 
     def run(*args):
-        return subprocess.run([sys.executable, str(script), *args], capture_output=True,
+        return subprocess.run([sys.executable, str(FETCH), *args], capture_output=True,
                               text=True, timeout=30)
 
-    assert run("--attempts", "2", "--backoff=0.5", "--lock-wait", "1").returncode == 0  # no files
-    for bad, says in ((["--attempts", "x"], "invalid int value: 'x'"),
-                      (["--lock-wait"], "argument --lock-wait: expected a value"),
-                      (["--retries", "3"], "unrecognized argument --retries")):
+    assert run(str(job), "--attempts", "2", "--backoff=0.5", "--lock-wait", "1").returncode == 0
+    for bad, says in (([str(job), "--attempts", "x"], "invalid int value: 'x'"),
+                      ([str(job), "--lock-wait"], "argument --lock-wait: expected a value"),
+                      ([str(job), "--retries", "3"], "unrecognized argument --retries"),
+                      (["--attempts", "3"], "the job file is missing")):
         proc = run(*bad)
         assert proc.returncode == 2 and says in proc.stderr and "usage:" in proc.stderr, bad
     helped = run("--help")
     assert helped.returncode == 0 and "--lock-wait SECONDS" in helped.stdout
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    proc = run(str(broken))
+    assert proc.returncode == 2 and f"ERROR: the job file {broken} cannot be read" in proc.stderr
