@@ -105,6 +105,7 @@ run by serve_user, hardened; needs systemd as PID 1 and the model stage in the s
     serve_max_tokens=512      cap on an answer's new tokens (400 above it)
     serve_backend="auto"      auto | engine | stream_chat (runtime/server.py)
     serve_drain_s=30          on a restart, seconds in-flight requests may still finish
+    serve_threads=0           torch's CPU threads in the server; 0 = torch's default (one per core)
     serve_ready_timeout_s=600 after a (re)start, how long to wait for GET /health to be ready
     serve_user="chatglm"      the unprivileged system user the service runs as
 

@@ -72,6 +72,9 @@ def check_settings(s: Settings) -> None:
                  "serve_ready_timeout_s"):
         if getattr(s, name) < 1:
             raise SettingError(s.host, name, f"= {getattr(s, name)} is below 1", "use a positive number")
+    if s.serve_threads < 0:
+        raise SettingError(s.host, "serve_threads", f"= {s.serve_threads} is negative",
+                           "use 0 (torch's default: one per core) or a number of threads")
     if s.serve_drain_s < 0:
         raise SettingError(s.host, "serve_drain_s", f"= {s.serve_drain_s} is negative",
                            "use the seconds in-flight requests may finish in on a restart (30)")
@@ -376,8 +379,15 @@ def service(s: Settings, fingerprint: str, unit_sha1: str, model_dir: str, chang
     """
     seen = host.get_fact(ServeState, unit=UNIT)
     active = seen["active"] == "active"
+    stale = _stale(s, fingerprint, model_dir, changing)
+    if stale:
+        # The server's own check of its settings, as the service's user (it must read the key):
+        # a config the server refuses fails the deploy here, and the running service stays.
+        yield StringCommand("cd", s.install_dir, "&&", "runuser", "-u", s.serve_user, "--", "env",
+                            "PYTHONDONTWRITEBYTECODE=1", f"{s.venv}/bin/python", "-m", "runtime.server",
+                            "--config", CONFIG, "--check")
     yield from systemd.service._inner(service=UNIT, running=True, enabled=True,
-                                      restarted=active and _stale(s, fingerprint, model_dir, changing),
+                                      restarted=active and stale,
                                       daemon_reload=seen["unit"] != unit_sha1)
 
 

@@ -99,6 +99,7 @@ class Settings:
     serve_max_tokens: int = 512
     serve_backend: str = "auto"
     serve_drain_s: int = 30
+    serve_threads: int = 0
     serve_ready_timeout_s: int = 600
     serve_user: str = "chatglm"
 
