@@ -123,6 +123,9 @@ def test_deploy_runs_a_hardened_enabled_service_and_a_rerun_changes_nothing(lab,
     lab.ssh("h30", f"nsenter -t {pid} -m sh -c 'touch /var/lib/chatglm/probe && rm /var/lib/chatglm/probe'")
     lab.ssh("h30", f"touch /tmp/host-probe; nsenter -t {pid} -m sh -c '! test -e /tmp/host-probe'; rm /tmp/host-probe")
 
+    # The server's packages came from the host lock, and the env is consistent.
+    assert "No broken requirements" in lab.ssh("h30", "/opt/chatglm/venv/bin/python -m pip check").stdout
+
     # The key: on the host the service user's, 0600; here the same bytes, 0600; never printed.
     secret = key(lab)
     assert len(secret) == 64 and lab.ssh("h30", "stat -c '%U %a' /etc/chatglm/api.key").stdout.strip() == "chatglm 600"
