@@ -108,7 +108,11 @@ def lab():
             mounts = Path("/proc/mounts").read_text()
             assert f" {labmod.LAB}/" not in mounts, mounts  # not .lab-bench, a bench's own lab
             pids = [h["pid"] for h in state["hosts"]] + [v["pid"] for v in state["services"].values()]
+            # The systemd hosts' socats (SSH forward, stand-in relays) and network namespaces too.
+            pids += [p for h in state["hosts"] for p in h.get("helpers", [])]
             assert not [p for p in pids if labhosts._alive(p)]
+            netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+            assert not [h for h in state["hosts"] if h.get("netns") and h["netns"] in netns], netns
             assert not list((labmod.LAB / "hosts").glob("*"))
 
 
