@@ -138,3 +138,86 @@ def test_port_holders_fact_output():
     assert seen == {"systemd": True, "listening": True,
                     "holders": [[42, "python3 -m http.server 8000", False],
                                 [7, "/opt/chatglm/venv/bin/python -m runtime.server", True]]}
+
+
+# --- the operations' decisions, on the fake host of the spec tests (tests/spec_harness.py) -------
+
+from pyinfra.api.command import FileUploadCommand, StringCommand  # noqa: E402
+
+from tests.spec_harness import FakeHost as SpecHost, run_op  # noqa: E402
+
+
+class FreshFilesHost(SpecHost):
+    """pyinfra's own file facts answer 'absent' (files.put/directory then upload/create)."""
+
+    def get_fact(self, cls, *args, **kwargs):
+        if cls.__module__.endswith(".files"):
+            return None
+        return super().get_fact(cls, *args, **kwargs)
+
+STATE = f"serve.ServeState(unit={serve.UNIT})"
+MODEL_DIR = "/opt/chatglm/models/chatglm-6b-int4"
+MODEL = f"smoke.ModelFiles(path={MODEL_DIR})"
+
+
+def served_state(fingerprint: str, **change) -> dict:
+    return {"fingerprint": fingerprint, "unit": "u", "key": "abc chatglm 600", "active": "active",
+            "enabled": "enabled", **change}
+
+
+def raw(command):
+    return command.get_raw_value() if isinstance(command, StringCommand) else command
+
+
+@pytest.mark.parametrize("seen, words", [
+    ({"systemd": False, "listening": False, "holders": []}, "does not run systemd as PID 1"),
+    ({"systemd": True, "listening": True, "holders": [[42, "python3 -m http.server 8000", False]]},
+     "port 8000 (setting 'serve_port') is in use by pid 42: python3 -m http.server 8000"),
+    ({"systemd": True, "listening": True, "holders": []}, "port 8000 (setting 'serve_port') is in use"),
+])
+def test_check_port_fails_the_host_naming_what_holds_it(seen, words):
+    s = settings_for(FakeHost())
+    commands, fake, _ = run_op(serve.check_port, {"s": s}, "h1",
+                               {f"serve.PortHolders(port=8000, unit={serve.UNIT})": seen}, fail_in=[serve])
+    assert len(commands) == 1 and words in commands[0]["fail"] and "Fix:" in commands[0]["fail"], commands
+
+
+def test_check_port_passes_when_the_service_itself_holds_it():
+    s = settings_for(FakeHost())
+    seen = {"systemd": True, "listening": True, "holders": [[7, "/opt/chatglm/venv/bin/python -m runtime.server", True]]}
+    commands, fake, _ = run_op(serve.check_port, {"s": s}, "h1",
+                               {f"serve.PortHolders(port=8000, unit={serve.UNIT})": seen}, fail_in=[serve])
+    assert commands == [] and "held by chatglm-server.service itself" in fake.noops[0]
+
+
+def test_ready_waits_only_when_what_runs_changed():
+    s = settings_for(FakeHost())
+    control = "c" * 32
+    stored = serve.host_fingerprint(control, "m1")
+    args = {"s": s, "fingerprint": control, "result_path": "/opt/chatglm/serve/ready.json", "model_dir": MODEL_DIR}
+    commands, fake, _ = run_op(serve.ready, args, "h1", {STATE: served_state(stored), MODEL: "m1"}, render=raw)
+    assert commands == [] and fake.noops
+    for facts, extra in (({STATE: served_state(stored), MODEL: "m2"}, {}),                 # model files
+                         ({STATE: served_state("x m1"), MODEL: "m1"}, {}),                  # code/config
+                         ({STATE: served_state(stored, active="failed"), MODEL: "m1"}, {}),  # not running
+                         ({STATE: served_state(stored, key=""), MODEL: "m1"}, {}),           # key made now
+                         ({STATE: served_state(stored), MODEL: "m1"}, {"changing": True})):  # this run's ops
+        commands, _, _ = run_op(serve.ready, {**args, **extra}, "h1", facts, render=lambda c: c,
+                                fake_class=FreshFilesHost)
+        last = raw(commands[-1])
+        assert "serve/ready.py" in last and f"--fingerprint \"{control} $(cd {MODEL_DIR}" in last, last
+
+
+def test_an_inventory_key_is_never_in_a_command():
+    secret = "s3cret-" + "k" * 20
+    s = settings_for(FakeHost(serve_api_key=secret))
+    commands, _, _ = run_op(serve.api_key, {"s": s}, "h1", {STATE: served_state("", key="")}, render=lambda c: c)
+    uploads = [c for c in commands if isinstance(c, FileUploadCommand)]
+    assert len(uploads) == 1 and uploads[0].src.getvalue() == (secret + "\n").encode()
+    assert all(secret not in str(raw(c)) for c in commands if not isinstance(c, FileUploadCommand))
+    # Uploaded into a root-only directory, then moved over the key: never readable by others.
+    assert uploads[0].dest.startswith(serve.CONFIG_DIR + "/.key-upload/")
+    # In place: nothing to do.
+    sha1 = serve._key_sha1(s)
+    commands, fake, _ = run_op(serve.api_key, {"s": s}, "h1", {STATE: served_state("", key=f"{sha1} chatglm 600")})
+    assert commands == [] and fake.noops

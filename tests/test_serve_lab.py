@@ -147,6 +147,11 @@ def test_deploy_runs_a_hardened_enabled_service_and_a_rerun_changes_nothing(lab,
     chunks = list(client.chat.completions.create(
         model="chatglm-6b", messages=[{"role": "user", "content": "你好"}], max_tokens=8, stream=True))
     assert chunks and "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    # Upstream api.py's format on POST /, for the clients written against it.
+    legacy = requests.post(f"{url}/", json={"prompt": "你好", "history": [], "max_length": 64},
+                           headers={"Authorization": f"Bearer {secret}"}, timeout=120)
+    assert legacy.status_code == 200 and legacy.json()["status"] == 200 and legacy.json()["response"].strip()
+    assert requests.post(f"{url}/", json={"prompt": "你好"}, timeout=10).status_code == 401
 
     # The fleet report lists the endpoint, the health and the time from unit start to ready.
     result = json.loads((report_dir() / "serve" / "h30.json").read_text())
