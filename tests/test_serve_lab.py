@@ -252,3 +252,38 @@ def test_a_port_in_use_fails_the_host_before_anything_changes(lab):
         assert lab.ssh("h31", "ls -a /opt; dpkg -l | wc -l; getent passwd chatglm", check=False).stdout == before
     finally:
         lab.ssh("h31", "systemctl stop squatter", check=False)
+
+
+REACH = r"""
+import json, socket, sys, urllib.request
+ports = json.loads(sys.argv[1])
+www = urllib.request.urlopen(f"http://127.0.0.1:{ports['www']}/pypi/simple/", timeout=10)
+share = urllib.request.urlopen(f"http://127.0.0.1:{ports['seafile']}/api/v2.1/share-links/"
+                               f"{sys.argv[2]}/dirents/?path=/chatglm-6b-int4/", timeout=10)
+names = [d.get("file_name") for d in json.load(share)["dirent_list"]]
+# git's own protocol: the daemon answers a upload-pack request with the repo's refs.
+request = b"git-upload-pack /THUDM/chatglm-6b-int4\0host=127.0.0.1\0"
+with socket.create_connection(("127.0.0.1", ports["git"]), timeout=10) as sock:
+    sock.sendall(b"%04x" % (len(request) + 4) + request)
+    refs = sock.recv(4096)
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[3])), timeout=3).close()
+    other = "open"
+except OSError:
+    other = "closed"
+print(json.dumps({"www": www.status, "share": "pytorch_model.bin" in names,
+                  "git": b"refs/heads/" in refs or b"HEAD" in refs, "other": other}))
+"""
+
+
+def test_a_systemd_host_reaches_the_stand_ins_and_nothing_else(lab):
+    """h31's network namespace has loopback only: the stand-ins answer there through their
+    relays, on their usual ports, and nothing else of this machine does (h1's SSH port)."""
+    from lab.lab import PORTS, SHARES
+
+    script = lab.ssh("h31", f"cat > /tmp/reach.py <<'PY'\n{REACH}\nPY\n"
+                            f"python3 /tmp/reach.py '{json.dumps(PORTS)}' {SHARES['quantized']} "
+                            f"{lab.hosts['h1']['port']}")
+    assert json.loads(script.stdout) == {"www": 200, "share": True, "git": True, "other": "closed"}
+    links = lab.ssh("h31", "ip -o link show | cut -d: -f2; ip -4 -o addr show; ip route show").stdout.split()
+    assert links[0] == "lo" and "eth0" not in links and "default" not in links, links
