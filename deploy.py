@@ -12,19 +12,16 @@ from pathlib import Path
 
 from pyinfra import host, inventory, state
 
-from operations import (cuda_libs, factcache, gpu, gpu_kernels, kernel, model, preflight, pyenv, pyplan, serve,
-                        smoke, system)
-from operations.common import cached_argument_types, quick_operation_order, ssh_nodelay
+from operations import (cuda_libs, factcache, gpu, gpu_kernels, kernel, model, preflight, pyenv, pyplan,
+                        serve, smoke, system, tuning)
 from operations.report import FleetReport
 from operations.settings import ROOT, settings_for, source_for
 from operations.system import HostResources
 
 # Every host's data is validated on the first pass, before any host's facts are read.
 if not getattr(state, "chatglm_checked", False):
-    ssh_nodelay(state)
+    tuning.apply(state)
     factcache.install(state)
-    quick_operation_order()
-    cached_argument_types()
     smoke_hosts = 0
     for each in inventory:
         each_settings = settings_for(each)

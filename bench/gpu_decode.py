@@ -198,7 +198,7 @@ def reference_run(model, ids_batch, new_tokens):
 
 # --- the engine ----------------------------------------------------------------------------------------
 
-def measure_engine(model, single, batch_prompts, args, triton_cache, ref_tokens):
+def measure_engine(model, single, batch_prompts, args, triton_cache, ref_tokens, ref_batch_tokens):
     from runtime.engine import Engine
 
     peak_memory(reset=True)
@@ -232,8 +232,14 @@ def measure_engine(model, single, batch_prompts, args, triton_cache, ref_tokens)
     fast["kv_cache_gb"] = 2 * engine.k_cache.numel() * engine.k_cache.element_size() / 1e9
     fast["new_triton_cache_files_total"] = cache_files(triton_cache) - files_before
     log("engine", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in fast.items()})
-    # Correctness: top-1 with the reference's tokens fed (the caller compares the free run too).
-    return fast, tokens, engine_forced(engine, single, ref_tokens)
+    # Correctness: top-1 with the reference's tokens fed (the caller compares the free run too),
+    # for the single prompt and for all 16 prompts of the batched run together.
+    forced = engine_forced(engine, single, ref_tokens)
+    batch_forced, batch_gaps = engine_forced_batch(engine, batch_prompts, ref_batch_tokens)
+    agree = sum(a == b for mine, ref in zip(batch_forced, ref_batch_tokens) for a, b in zip(mine, ref))
+    steps = sum(len(ref) for ref in ref_batch_tokens)
+    return fast, tokens, forced, dict(batch_top1_agreement=agree / steps, batch_steps=steps,
+                                      batch_mismatch_logit_gaps=batch_gaps[:20])
 
 
 def engine_single(engine, ids, new_tokens):
@@ -249,13 +255,29 @@ def engine_single(engine, ids, new_tokens):
 
 
 def engine_forced(engine, ids, reference):
-    """The engine's top-1 at each step, fed the reference's tokens."""
-    slot = engine.add(ids, max_new_tokens=len(reference), stop_ids=[])
-    mine = [t for _, t, _ in engine.step()]
-    for token in reference[:-1]:
-        mine += [t for _, t, _ in engine.step(force={slot: token})]
-    engine.cancel(slot)
-    return mine
+    """The engine's top-1 at each step, fed the reference's tokens; and, where it differs from the
+    reference's, by how much the engine's own logits rank the two apart (a near tie or not)."""
+    tokens, gaps = engine_forced_batch(engine, [ids], [reference])
+    return tokens[0], gaps
+
+
+def engine_forced_batch(engine, prompts, references):
+    slots = [engine.add(ids, max_new_tokens=len(ref), stop_ids=[]) for ids, ref in zip(prompts, references)]
+    mine = {slot: [] for slot in slots}
+    gaps = []
+    for slot, token, _ in engine.step():
+        mine[slot].append(token)
+    for step in range(len(references[0]) - 1):
+        force = {slot: ref[step] for slot, ref in zip(slots, references)}
+        for row, (slot, token, _) in enumerate(engine.step(force=force)):
+            mine[slot].append(token)
+            expected = references[slots.index(slot)][step + 1]
+            if token != expected and engine.last_logits is not None:
+                logits = engine.last_logits[row].float()
+                gaps.append(round(float(logits[token] - logits[expected]), 4))
+    for slot in slots:
+        engine.cancel(slot)
+    return [mine[slot] for slot in slots], gaps
 
 
 def engine_batch(engine, prompts, new_tokens):
@@ -271,74 +293,95 @@ def engine_batch(engine, prompts, new_tokens):
     return prefill, decode, produced
 
 
-def sweep():
-    """GB/s of runtime.kernels.qlinear per shape and launch setting (one row = 1 sequence, 16 = batch)."""
+def gpu_time(fn):
+    """Milliseconds of GPU time per call: fn captured in a CUDA graph and replayed, so that the
+    host's launch cost (larger than these kernels at batch 1) stays out, as in the engine."""
     import triton.testing
 
+    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
+class Rotation:
+    """Several copies of the same-shaped inputs, used in turn by successive calls, so that one
+    call's data has left the 60 MB L2 before it is read again (timings of HBM, not of L2)."""
+
+    def __init__(self, make, nbytes, total=512 * 2 ** 20):
+        self.items = [make() for _ in range(max(2, -(-total // nbytes)))]
+        self.next = 0
+
+    def __call__(self):
+        item = self.items[self.next % len(self.items)]
+        self.next += 1
+        return item
+
+
+def sweep():
+    """GPU time and GB/s of runtime.kernels per shape and launch setting (rows 1 = one sequence,
+    16 = a batch), with cuBLAS fp16 as the yardstick, and of both decode attention kernels."""
     from runtime import kernels
 
     shapes = {"qkv": (12288, 4096), "dense": (4096, 4096), "h_to_4h": (16384, 4096), "4h_to_h": (4096, 16384)}
-    configs = [(16, 512, 4, 3, True), (16, 512, 4, 3, False), (8, 512, 4, 3, True), (32, 256, 4, 3, True),
-               (32, 512, 8, 4, True), (16, 1024, 4, 3, True), (32, 128, 4, 4, False), (64, 128, 4, 3, False)]
+    # (BLOCK_N, BLOCK_K, warps, stages, magic, join, dot): see runtime.kernels._tiles.
+    single = [(16, 1024, 4, 3, True), (8, 512, 4, 3, True), (16, 512, 4, 3, True, True, False),
+              (8, 512, 4, 3, True, True, False), (32, 256, 4, 3, True, True, True), (64, 256, 4, 3, True, True, True),
+              (32, 512, 4, 3, True, True, True), (64, 128, 4, 4, True, True, True)]
+    batched = [(64, 128, 4, 3, False), (32, 128, 4, 4, False), (32, 256, 4, 3, True, True, True),
+               (64, 256, 4, 3, True, True, True), (64, 128, 4, 4, True, True, True), (128, 128, 8, 3, True, True, True),
+               (32, 512, 4, 3, True, True, True)]
     rows = []
+
+    def record(row, ms, nbytes):
+        row.update(us=round(ms * 1e3, 1), GBps=round(nbytes / (ms / 1e3) / 1e9))
+        rows.append(row)
+        log("sweep", {k: v for k, v in row.items()})
+
     for bits in (4, 8):
         for label, (n, k) in shapes.items():
-            weight = torch.randint(-128, 127, (n, k * bits // 8), dtype=torch.int8, device=DEVICE)
-            scale = torch.rand(n, dtype=torch.float16, device=DEVICE) / 100
+            nbytes = n * k * bits // 8
+            weights = Rotation(lambda: (torch.randint(-128, 127, (n, k * bits // 8), dtype=torch.int8, device=DEVICE),
+                                        torch.rand(n, dtype=torch.float16, device=DEVICE) / 100), nbytes)
             for m in (1, 16):
                 x = torch.randn(m, k, dtype=torch.float16, device=DEVICE)
-                for config in configs:
-                    if m > 1 and (config[4] or config[0] < 16):
-                        continue  # magic conversion: GEMV variant only; tensor cores need 16 columns
+                for config in (single if m == 1 else batched):
+                    def call():
+                        weight, scale = weights()
+                        kernels.qlinear(x, weight, scale, bits, config=config)
                     try:
-                        ms = triton.testing.do_bench(lambda: kernels.qlinear(x, weight, scale, bits, config=config),
-                                                     warmup=25, rep=100, return_mode="median")
+                        record(dict(bits=bits, shape=label, rows=m, config=config), gpu_time(call), nbytes)
                     except Exception as error:
-                        rows.append(dict(bits=bits, shape=label, rows=m, config=config, error=str(error)[:200]))
-                        continue
-                    gbs = weight.numel() / (ms / 1e3) / 1e9
-                    rows.append(dict(bits=bits, shape=label, rows=m, config=config, us=round(ms * 1e3, 1), GBps=round(gbs)))
-                    log("sweep", bits, label, m, config, f"{ms * 1e3:.1f} us", f"{gbs:.0f} GB/s")
-            # fp16 cuBLAS for the same shape, as the yardstick
-            if bits == 4:
-                w16 = torch.randn(n, k, dtype=torch.float16, device=DEVICE)
+                        rows.append(dict(bits=bits, shape=label, rows=m, config=config, error=str(error)[:300]))
+                        log("sweep failed", bits, label, m, config, str(error)[:300])
+            del weights
+            if bits == 4:  # fp16 cuBLAS for the same shape
+                dense = Rotation(lambda: torch.randn(n, k, dtype=torch.float16, device=DEVICE), n * k * 2)
                 for m in (1, 16):
                     x = torch.randn(m, k, dtype=torch.float16, device=DEVICE)
-                    ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w16), warmup=25, rep=100,
-                                                 return_mode="median")
-                    rows.append(dict(bits=16, shape=label, rows=m, config="cuBLAS", us=round(ms * 1e3, 1),
-                                     GBps=round(w16.numel() * 2 / (ms / 1e3) / 1e9)))
-                    log("sweep fp16", label, m, f"{ms * 1e3:.1f} us", f"{rows[-1]['GBps']} GB/s")
-                del w16
+                    record(dict(bits=16, shape=label, rows=m, config="cuBLAS"),
+                           gpu_time(lambda: torch.nn.functional.linear(x, dense())), n * k * 2)
+                del dense
     # The fused decode attention: one new token per sequence over 768 cached ones.
     heads, hd, length = 32, 128, 768
     for batch in (1, 16):
-        cache_k = torch.randn(batch + 1, heads, 1024, hd, dtype=torch.float16, device=DEVICE)
-        cache_v = torch.randn_like(cache_k)
+        nbytes = 2 * batch * heads * length * hd * 2
+        caches = Rotation(lambda: (torch.randn(batch + 1, heads, 1024, hd, dtype=torch.float16, device=DEVICE),
+                                   torch.randn(batch + 1, heads, 1024, hd, dtype=torch.float16, device=DEVICE)),
+                          2 * (batch + 1) * heads * 1024 * hd * 2)
         table = torch.randn(1025, hd // 2, dtype=torch.float16, device=DEVICE)
         qkv = torch.randn(batch, 3 * heads * hd, dtype=torch.float16, device=DEVICE)
         index = torch.arange(batch, dtype=torch.int32, device=DEVICE)
         lengths = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
-        for config in ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 4), (32, 4, 4)):
-            def attend():
+        candidates = [("attention", c) for c in ((64, 4, 3), (128, 4, 3), (64, 8, 3), (32, 4, 4))]
+        if batch == 1:
+            candidates += [("split attention", c) for c in ((64, 4, 3, 8), (32, 4, 3, 16), (64, 4, 3, 16), (32, 4, 3, 32))]
+        for kind, config in candidates:
+            attend = kernels.split_attention if kind == "split attention" else kernels.decode_attention
+
+            def call():
                 # Same length every call: the key written at `length` is rewritten, nothing grows.
-                kernels.decode_attention(qkv, cache_k, cache_v, table, table, index, lengths, index, index, heads,
-                                         config=config)
-            ms = triton.testing.do_bench(attend, warmup=25, rep=100, return_mode="median")
-            gbs = 2 * batch * heads * length * hd * 2 / (ms / 1e3) / 1e9
-            rows.append(dict(kernel="attention", rows=batch, config=config, us=round(ms * 1e3, 1), GBps=round(gbs)))
-            log("sweep attention", batch, config, f"{ms * 1e3:.1f} us", f"{gbs:.0f} GB/s")
-        for config in ((64, 4, 3, 8), (64, 4, 3, 4), (32, 4, 3, 16), (128, 8, 3, 8)):
-            if batch > 2:
-                break
-            def attend_split():
-                kernels.split_attention(qkv, cache_k, cache_v, table, table, index, lengths, index, index, heads,
-                                        config=config)
-            ms = triton.testing.do_bench(attend_split, warmup=25, rep=100, return_mode="median")
-            gbs = 2 * batch * heads * length * hd * 2 / (ms / 1e3) / 1e9
-            rows.append(dict(kernel="split attention", rows=batch, config=config, us=round(ms * 1e3, 1), GBps=round(gbs)))
-            log("sweep split attention", batch, config, f"{ms * 1e3:.1f} us", f"{gbs:.0f} GB/s")
-        del cache_k, cache_v
+                k_cache, v_cache = caches()
+                attend(qkv, k_cache, v_cache, table, table, index, lengths, index, index, heads, config=config)
+            record(dict(kernel=kind, rows=batch, config=config), gpu_time(call), nbytes)
+        del caches
     return rows
 
 
@@ -374,6 +417,10 @@ def tuned(rows):
     choice = best(lambda r: r.get("kernel") == "split attention" and r["rows"] == 1)
     if choice:
         values["split"] = choice
+        # Split only where it wins: compare the best of each kernel for one sequence.
+        fastest = {kind: min((r["us"] for r in rows if r.get("kernel") == kind and r["rows"] == 1 and "us" in r),
+                             default=float("inf")) for kind in ("attention", "split attention")}
+        values["split_below"] = kernels.SPLIT_BELOW if fastest["split attention"] < fastest["attention"] else 0
     kernels.apply_settings(values)
     return values
 
@@ -468,14 +515,15 @@ def main():
         ttft, decode, ref_tokens = reference_run(model, [single], args.new)
         ref = dict(ttft_s=ttft, decode_tokens_per_s=(args.new - 1) / decode)
         ref_tokens = ref_tokens[0]
-        _, decode_b, _ = reference_run(model, batch_prompts, args.batch_new)
+        _, decode_b, ref_batch_tokens = reference_run(model, batch_prompts, args.batch_new)
         ref["batch_tokens_per_s"] = args.batch * (args.batch_new - 1) / decode_b
         ref["peak_vram_gb"] = peak_memory() / 1e9
         ref["setup_s"] = 0.0
         log(variant, "reference", {k: round(v, 3) for k, v in ref.items()})
 
         try:
-            fast, tokens, forced = measure_engine(model, single, batch_prompts, args, triton_cache, ref_tokens)
+            fast, tokens, forced, batch_check = measure_engine(model, single, batch_prompts, args, triton_cache,
+                                                               ref_tokens, ref_batch_tokens)
         except Exception:  # keep the reference's numbers and the other variants
             import traceback
 
@@ -489,8 +537,9 @@ def main():
             same_prefix = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(ref_tokens))
             row["correctness"] = dict(
                 greedy_identical=tokens == ref_tokens, greedy_same_prefix=same_prefix, steps=len(ref_tokens),
-                top1_agreement=sum(a == b for a, b in zip(forced, ref_tokens)) / len(ref_tokens),
-                distinct_reference_tokens=len(set(ref_tokens)))
+                top1_agreement=sum(a == b for a, b in zip(forced[0], ref_tokens)) / len(ref_tokens),
+                distinct_reference_tokens=len(set(ref_tokens)),
+                mismatch_logit_gaps=forced[1], **batch_check)
             log(variant, "correctness", row["correctness"])
             fast["batch_over_single"] = fast["batch_tokens_per_s"] / fast["decode_tokens_per_s"]
             row["engine"] = fast
@@ -529,14 +578,17 @@ def markdown(result):
                          f"{p['decode_tokens_per_s']:.1f} | {p['decode_fraction_of_bound']:.0%} | "
                          f"{p['batch_tokens_per_s']:.0f} | {p['batch_fraction_of_bound']:.0%} | "
                          f"{p['batch_tokens_per_s'] / p['decode_tokens_per_s']:.1f} |")
-    lines += ["", "| variant | GB read per token | bound tok/s | greedy identical | same prefix | top-1 agreement (forced) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| variant | GB read per token | bound tok/s | greedy identical | same prefix | top-1 agreement (forced) "
+              f"| top-1, {result['batch']} prompts batched (forced) | logit gaps where they differ |",
+              "|---|---|---|---|---|---|---|---|"]
     for variant, row in result["variants"].items():
         if "correctness" not in row:
             continue
         c = row["correctness"]
         lines.append(f"| {variant} | {row['weights_bytes_per_token'] / 1e9:.2f} | {row['bound_tokens_per_s']:.0f} | "
-                     f"{c['greedy_identical']} | {c['greedy_same_prefix']}/{c['steps']} | {c['top1_agreement']:.2%} |")
+                     f"{c['greedy_identical']} | {c['greedy_same_prefix']}/{c['steps']} | {c['top1_agreement']:.2%} | "
+                     f"{c['batch_top1_agreement']:.2%} of {c['batch_steps']} | "
+                     f"{', '.join(str(g) for g in (c['mismatch_logit_gaps'] + c['batch_mismatch_logit_gaps'])[:8])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -44,7 +44,7 @@ LEVEL_DEADLINE_S = 300
 
 # --- the api.py-style server ---------------------------------------------------------------------
 
-def api_py_server(model_dir: str, port: int) -> None:
+def api_py_server(model_dir: str, port: int, device: str) -> None:
     """FastAPI, one uvicorn worker, model.chat() called straight from the async handler: while
     one answer is generated the event loop runs nothing else."""
     import uvicorn
@@ -52,7 +52,8 @@ def api_py_server(model_dir: str, port: int) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).float().eval()
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
+    model = (model.half().cuda() if device == "cuda" else model.float()).eval()
     app = FastAPI()
 
     @app.post("/")
@@ -185,12 +186,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(kind: str, model_dir: str, port: int, max_tokens: int, max_batch: int, workdir: Path):
+def start(kind: str, model_dir: str, port: int, max_tokens: int, max_batch: int, workdir: Path, device: str):
     if kind == "api_py":
-        argv = [sys.executable, __file__, "--api-py-server", "--model-dir", model_dir, "--port", str(port)]
+        argv = [sys.executable, __file__, "--api-py-server", "--model-dir", model_dir, "--port", str(port),
+                "--device", device]
     else:
         config = workdir / f"{kind}.toml"
-        config.write_text(f'model_dir = "{model_dir}"\nport = {port}\nbackend = "{kind}"\n'
+        config.write_text(f'model_dir = "{model_dir}"\nport = {port}\nbackend = "{kind}"\ndevice = "{device}"\n'
                           f"max_batch = {max_batch}\nqueue_size = 64\nmax_tokens = {max_tokens}\n")
         argv = [sys.executable, "-m", "runtime.server", "--config", str(config)]
     log = open(workdir / f"{kind}.log", "w")
@@ -219,6 +221,11 @@ def stop(proc) -> None:
         proc.wait()
 
 
+def report_model(args) -> str:
+    where = "CPU (float32)" if args.device == "cpu" else "the GPU (fp16)"
+    return f"the {args.variant if not args.model_dir else Path(args.model_dir).name} fixture on {where}"
+
+
 def markdown(report: dict) -> str:
     rows = ["| server | concurrency | requests (all rounds) | requests/s | generated tokens/s (lowest-highest) | "
             "TTFT p50 ms | TTFT p99 ms | tokens per server CPU-second |", "|---|---|---|---|---|---|---|---|"]
@@ -245,6 +252,10 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads of every server (OMP_NUM_THREADS; 0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu (float32) or cuda (fp16), for every server")
+    parser.add_argument("--variant", default="int4", help="the fixture built when --model-dir is not given")
+    parser.add_argument("--results-name", default="serve_load", help="<out>/<name>.{json,md}")
+    parser.add_argument("--out", default=str(RESULTS), help="where results go (default bench/results)")
     parser.add_argument("--api-py-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -252,7 +263,7 @@ def main(argv=None) -> None:
     if args.threads:  # inherited by every server: the same torch threading for all of them
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if args.api_py_server:
-        api_py_server(args.model_dir, args.port)
+        api_py_server(args.model_dir, args.port, args.device)
         return
 
     workdir = Path(tempfile.mkdtemp(prefix="serve-load-"))
@@ -261,7 +272,7 @@ def main(argv=None) -> None:
         from lab.fixtures import build
 
         print("building the fixture models ...", file=sys.stderr)
-        model_dir = build.build_fixtures(workdir / "models")["int4"]["dir"]
+        model_dir = build.build_fixtures(workdir / "models")[args.variant]["dir"]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
@@ -277,7 +288,7 @@ def main(argv=None) -> None:
         for kind in kinds:
             servers[kind] = (free_port(), None)
             servers[kind] = (servers[kind][0], start(kind, model_dir, servers[kind][0], args.max_tokens,
-                                                     max(levels), workdir))
+                                                     max(levels), workdir, args.device))
         for kind in kinds:  # warm-up: first requests pay one-time costs
             asyncio.run(run_level(kind, servers[kind][0], 4, 2, args.max_tokens, count_tokens))
         for round_ in range(args.rounds):
@@ -318,20 +329,22 @@ def main(argv=None) -> None:
             targets[f"{server}: TTFT p99 at concurrency {top} vs its own at 1 (target <= 5x)"] = (
                 f"{mid:.2f}x (rounds {low:.2f}-{high:.2f}): {'met' if mid <= 5 else 'NOT met'}")
     report = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(),
-              "python": platform.python_version(), "model": "int4 fixture (lab/fixtures), CPU, float32",
+              "python": platform.python_version(), "model": f"{args.model_dir or args.variant + ' fixture'} on {args.device}",
+              "device": args.device,
               "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
               "rounds": args.rounds, "torch_threads": args.threads or "default",
               "rows": rows, "targets": targets,
-              "setup": (f"Servers on 127.0.0.1, one under load at a time, the int4 fixture on CPU, "
+              "setup": (f"Servers on 127.0.0.1, one under load at a time, {report_model(args)}, "
                         f"{os.cpu_count()} CPUs shared with the load generator, torch threads "
                         f"{args.threads or 'default'} in every server; each client sends "
                         f"{args.requests_per_client} requests in a row, at least 16 per level (greedy, "
                         f"max_tokens {args.max_tokens}); "
                         f"medians of {args.rounds} interleaved rounds. api_py's time to first token is the time to "
                         "its whole answer (it does not stream). p99 of at most 64 samples is close to the maximum.")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve_load.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "serve_load.md").write_text(markdown(report))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.results_name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{args.results_name}.md").write_text(markdown(report))
     print(markdown(report))
 
 

@@ -20,10 +20,10 @@ from pyinfra.api.command import QuoteString
 from pyinfra.operations import files as files_ops
 
 from .common import fail
-from .settings import ROOT, SettingError, Settings, is_commit, load_toml
+from .settings import ROOT, VERIFIED, SettingError, Settings, is_commit, load_toml
 from .system import FreeDiskBytes
 
-STAMPS = ".chatglm-verified"
+STAMPS = VERIFIED  # per weight file: the sha256 it was checked against
 FETCH = ROOT / "runtime" / "fetch.py"  # the downloader, run on hosts as it is
 GB = 10 ** 9  # data/models.toml gives memory and disk in GB
 MIB = 1 << 20

@@ -6,12 +6,9 @@ operations compare it with facts read from the host and change only what differs
 changed pin is applied on the next run and a second run changes nothing.
 """
 
-import functools
 import hashlib
 import json
 from io import StringIO
-
-import jinja2
 
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FileUploadCommand, StringCommand, operation
@@ -19,12 +16,11 @@ from pyinfra.api.command import QuoteString
 from pyinfra.facts.files import File
 from pyinfra.operations import files
 
-from .common import fail
-from .pyplan import normalize, version_key
-from .resolver import runs_on_arch_list
-from .settings import ROOT
+from .common import fail, render
+from .pyplan import normalize
+from .resolver import runs_on_arch_list, version_tuple
+from .settings import VERIFIED
 
-TEMPLATES = ROOT / "templates"
 PIP = ("-m", "pip", "install", "--no-input", "--progress-bar", "off", "--disable-pip-version-check")
 
 # What the environment's interpreter sees, hashed: its version and path, every sys.path
@@ -83,7 +79,7 @@ for p in sys.path:
         seen.add(parts[0].lower())
         print(parts[0] + '==' + parts[1])
 """
-STAMP = ".chatglm-verified"
+
 ENV_INFO = (
     "import json, os, sys; cfg = os.path.join(sys.prefix, 'pyvenv.cfg'); "
     "lines = open(cfg).read().splitlines() if os.path.exists(cfg) else []; "
@@ -214,7 +210,7 @@ class EnvFingerprint(FactBase):
 
     def command(self, venv):
         return (f"[ -x {venv}/bin/python ] && {venv}/bin/python -c \"{FINGERPRINT_AND_STAMP}\" "
-                f"{venv}/{STAMP} 2>/dev/null || echo '{{\"fingerprint\": \"\", \"stamp\": \"\"}}'")
+                f"{venv}/{VERIFIED} 2>/dev/null || echo '{{\"fingerprint\": \"\", \"stamp\": \"\"}}'")
 
     @staticmethod
     def default():
@@ -224,17 +220,6 @@ class EnvFingerprint(FactBase):
         return json.loads(output[-1])
 
 
-@functools.lru_cache(maxsize=8)
-def _template(template: str) -> jinja2.Template:
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                             trim_blocks=True, lstrip_blocks=True)
-    return env.from_string((TEMPLATES / template).read_text())
-
-
-def render(template: str, **data) -> StringIO:
-    """A templates/ file rendered with jinja2 (as files.template would, block tags trimmed);
-    each template is compiled once per run, not once per host."""
-    return StringIO(_template(template).render(**data))
 
 
 @operation()
@@ -270,7 +255,7 @@ def conda(py: dict):
     else:
         host.noop(f"conda {found['version']} in {prefix}")
     yield from files.put._inner(
-        src=render("condarc.j2", prefix=prefix, channels=c["channels"], mirror=c["mirror"]),
+        src=StringIO(render("condarc.j2", prefix=prefix, channels=c["channels"], mirror=c["mirror"])),
         dest=f"{prefix}/.condarc", mode="644")
 
 
@@ -306,7 +291,7 @@ def env(py: dict):
                        "exists, or use python_backend='conda'")
             return
         if py["pythons"] and interpreter not in py["pythons"]:
-            newest = max(py["pythons"], key=version_key)
+            newest = max(py["pythons"], key=version_tuple)
             fixes = [f"set python to a Python {newest} interpreter"]
             if py["torch"]:
                 fixes.append(f"use python_backend='conda' (it brings Python {newest})")
@@ -341,7 +326,7 @@ def env(py: dict):
                 + 'printf "%s\\n" "$want" > "$pth"'))
     if py["index"]:
         yield from files.put._inner(
-            src=render("pip.conf.j2", env=target, index=py["index"], trusted_host=py["trusted_host"]),
+            src=StringIO(render("pip.conf.j2", env=target, index=py["index"], trusted_host=py["trusted_host"])),
             dest=f"{target}/pip.conf", mode="644")
     else:
         yield from files.file._inner(path=f"{target}/pip.conf", present=False)
@@ -401,9 +386,9 @@ def _cuda_ok(have: str | None, expect: str | None, installed_by_us: bool) -> boo
     if expect is None or have is None:
         return have == expect if installed_by_us else expect is None
     if installed_by_us:
-        return version_key(have)[:2] == version_key(expect)[:2]
+        return version_tuple(have)[:2] == version_tuple(expect)[:2]
     # The system's torch: same CUDA major, not newer than the toolkit and driver planned.
-    return version_key(have)[0] == version_key(expect)[0] and version_key(have) <= version_key(expect)
+    return version_tuple(have)[0] == version_tuple(expect)[0] and version_tuple(have) <= version_tuple(expect)
 
 
 def verify_key(py: dict, fingerprint: str) -> str:
@@ -480,4 +465,4 @@ def verify(py: dict):
     fingerprint = stack.get("fingerprint") or seen["fingerprint"]
     record = {"key": verify_key(py, fingerprint), "torch": stack["torch"], "cuda": stack["cuda"],
               "transformers": stack["transformers"]}
-    yield FileUploadCommand(StringIO(json.dumps(record) + "\n"), f"{py['env']}/{STAMP}")
+    yield FileUploadCommand(StringIO(json.dumps(record) + "\n"), f"{py['env']}/{VERIFIED}")

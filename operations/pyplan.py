@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .settings import DATA, SettingError, Settings, load_toml
+from .resolver import version_tuple
+from .settings import DATA, SettingError, Settings, check_url, load_toml
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 PYVER = re.compile(r"3\.\d{1,2}")
@@ -30,10 +31,6 @@ def python_data() -> dict:
 
 def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in version.split(".") if p.isdigit())
 
 
 def lock_path(requirements: str) -> Path:
@@ -79,14 +76,6 @@ def tag_cuda(tag: str) -> str | None:
     return f"{digits[:-1]}.{digits[-1]}"
 
 
-def _url(host: str, setting: str, value: str, schemes=("http", "https")):
-    parsed = urlparse(value)
-    if parsed.scheme not in schemes or (parsed.scheme != "file" and not parsed.netloc) \
-            or any(c.isspace() for c in value):
-        raise SettingError(host, setting, f"= {value!r} is not a valid URL",
-                           f"use a full {'/'.join(schemes)} URL such as 'https://mirror.example/path/'")
-
-
 def check_settings(s: Settings):
     """Checks of the Python settings that need no GPU plan (called by settings_for)."""
     host = s.host
@@ -130,7 +119,7 @@ def check_settings(s: Settings):
                            "use e.g. 'python3' or '/usr/bin/python3.11'")
 
     if s.pip_index_url:
-        _url(host, "pip_index_url", s.pip_index_url, ("http", "https", "file"))
+        check_url(host, "pip_index_url", s.pip_index_url, ("http", "https", "file"))
         if not urlparse(s.pip_index_url).path.rstrip("/").endswith("simple"):
             raise SettingError(host, "pip_index_url", f"= {s.pip_index_url!r} is not a PEP 503 "
                                "'simple' index URL", "use the index's .../simple/ URL, e.g. "
@@ -142,7 +131,7 @@ def check_settings(s: Settings):
             raise SettingError(host, "torch_index_url", f"= {s.torch_index_url!r} has a "
                                "placeholder other than {tag}", "use e.g. "
                                "'https://download.pytorch.org/whl/{tag}'") from None
-        _url(host, "torch_index_url", sample, ("http", "https", "file"))
+        check_url(host, "torch_index_url", sample, ("http", "https", "file"))
     if s.torch_version and not re.fullmatch(r"\d+\.\d+(\.\d+)?", s.torch_version):
         raise SettingError(host, "torch_version", f"= {s.torch_version!r} is not a release "
                            "number", "use e.g. '2.5.1' (the build tag is added from the resolved CUDA)")
@@ -152,7 +141,7 @@ def check_settings(s: Settings):
         raise SettingError(host, "conda_installer", f"= {s.conda_installer!r} is unknown",
                            f"use one of {', '.join(installers)} (data/python.toml)")
     if s.conda_installer_url:
-        _url(host, "conda_installer_url", s.conda_installer_url, ("http", "https", "file"))
+        check_url(host, "conda_installer_url", s.conda_installer_url, ("http", "https", "file"))
     if s.conda_installer_sha256 and not HEX64.fullmatch(s.conda_installer_sha256):
         raise SettingError(host, "conda_installer_sha256", f"= {s.conda_installer_sha256!r} is "
                            "not a sha256", "use the 64 lowercase hex digits of the installer's sha256")
@@ -165,7 +154,7 @@ def check_settings(s: Settings):
                                "set conda_installer_sha256 to that file's sha256 (the release's "
                                ".sha256 file), or point the URL at a mirror of the pinned file")
     if s.conda_mirror:
-        _url(host, "conda_mirror", s.conda_mirror)
+        check_url(host, "conda_mirror", s.conda_mirror)
     for channel in _split(s.conda_channels):
         if not CHANNEL.fullmatch(channel):
             raise SettingError(host, "conda_channels", f"names {channel!r}, not a channel",
@@ -238,7 +227,7 @@ def python_plan(s: Settings, plan: dict) -> dict:
                   # CPU: the lock holds torch's dependencies. CUDA: the index's nvidia-* wheels.
                   torch_deps=tag != "cpu", pythons=pythons)
     if s.python_backend == "conda":
-        version = s.python_version or max(py["pythons"], key=version_key, default="3.11")
+        version = s.python_version or max(py["pythons"], key=version_tuple, default="3.11")
         if version not in py["pythons"] and py["pythons"]:
             raise SettingError(s.host, "python_version", f"= {version!r} has no torch "
                                f"{py['torch']} wheels", f"use one of {', '.join(py['pythons'])}")

@@ -7,10 +7,10 @@ import logging
 import re
 from pathlib import Path
 
-import jinja2
 from pyinfra.api import BaseStateCallback
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+from .common import render
+
 RESULT_PREFIX = "SMOKE-RESULT "
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -87,7 +87,7 @@ def chart(results: dict[str, dict], failures: dict[str, dict]) -> str:
         y += 34
         for host in results:
             group = {"host": host, "y": y, "label_y": y + bar_h * len(series) / 2 + 4,
-                     "failed": host in failures, "bars": []}
+                     "failed": host in failures, "bars": [], "note": ""}
             for i, ((name, colour, _), value) in enumerate(zip(series, values[host])):
                 w = 0 if not value else max(1.0, bar_w * value / top)
                 group["bars"].append({"x": label_w, "y": y + i * bar_h, "w": round(w, 1),
@@ -101,9 +101,7 @@ def chart(results: dict[str, dict], failures: dict[str, dict]) -> str:
         panel["bottom"] = y - gap / 2
         panels.append(panel)
         y += 24
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
-                             trim_blocks=True, lstrip_blocks=True)
-    return env.get_template("fleet_chart.svg.j2").render(
+    return render("fleet_chart.svg.j2",
         width=width, height=y, panels=panels, label_w=label_w, bar_w=bar_w)
 
 

@@ -16,6 +16,8 @@ from pyinfra.api.exceptions import PyinfraError
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 VARIANTS = ("fp16", "int8", "int4")
+# Beside what a check covers (a model's weights, an environment), the record that it passed.
+VERIFIED = ".chatglm-verified"
 STAGES = ("gpu", "system", "python", "cuda_libs", "model", "kernel", "smoke", "serve")
 
 
@@ -132,9 +134,11 @@ def is_commit(rev: str) -> bool:
     return len(rev) == 40 and all(c in "0123456789abcdef" for c in rev)
 
 
-def _check_url(host, setting, value, schemes=("http", "https", "git", "file")):
+def check_url(host: str, setting: str, value: str, schemes=("http", "https", "git", "file")):
+    """value is a full URL of one of schemes, or SettingError names host, setting and fix."""
     parsed = urlparse(value)
-    if parsed.scheme not in schemes or (parsed.scheme != "file" and not parsed.netloc):
+    if parsed.scheme not in schemes or (parsed.scheme != "file" and not parsed.netloc) \
+            or any(c.isspace() for c in value):
         raise SettingError(host, setting, f"= {value!r} is not a valid URL",
                            f"use a full URL such as 'https://mirror.example/path/' ({'/'.join(schemes)})")
 
@@ -217,7 +221,7 @@ def settings_for(host) -> Settings:
     for name in ("weights_share", "seafile_url", "weights_mirror", "code_url", "model_url",
                  "cuda_repo_url"):
         if getattr(s, name):
-            _check_url(host.name, name, getattr(s, name),
+            check_url(host.name, name, getattr(s, name),
                        ("http", "https") if name == "weights_mirror" else ("http", "https", "git", "file"))
     if not s.install_dir.startswith("/"):
         raise SettingError(host.name, "install_dir", f"= {s.install_dir!r} is not absolute",

@@ -11,9 +11,9 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import FactBase, StringCommand, operation
 from pyinfra.api.command import QuoteString
-from pyinfra.api.util import get_template
 from pyinfra.operations import files
 
+from .common import render
 from .settings import DATA, ROOT, Settings, load_toml
 
 TEMPLATE = ROOT / "templates" / "smoke_test.py.j2"
@@ -99,7 +99,7 @@ def run(s: Settings, variant: str, model_dir: str, revision: str, device: str):
     result = f"{smoke_dir}/result.json"
     seen = host.get_fact(SmokeState, path=model_dir, smoke_dir=smoke_dir)
     key = smoke_key(s, variant, revision, device, seen["model_files"])
-    text = get_template(str(TEMPLATE)).render(
+    text = render(TEMPLATE.name,
         model_dir=model_dir, revision=revision, device=device,
         queries=load_toml("smoke.toml")["queries"], variant=variant, key=key,
         max_new_tokens=s.smoke_max_new_tokens)

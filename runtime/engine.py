@@ -163,6 +163,9 @@ class Engine:
         self._staging = torch.zeros(5, width, dtype=torch.int32, pin_memory=cuda)
         self._staging_np = self._staging.numpy()  # element writes through numpy cost nanoseconds
         self._graphs: Dict[int, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        # Logits of the last decode step: one row per sequence it decoded, in slot order (the order
+        # of its events), valid until the next step.
+        self.last_logits: Optional[torch.Tensor] = None
         self._pool = None
 
     # --- public API -----------------------------------------------------------------------------
@@ -222,7 +225,7 @@ class Engine:
         forcing: how checks compare the engine's choices with a reference's, step by step)."""
         events = []
         fresh = [s for s in self._sequences.values() if not s.reported]
-        running = [s for s in self._sequences.values() if s.reported and not self._done(s)]
+        running = sorted((s for s in self._sequences.values() if s.reported and not self._done(s)), key=lambda s: s.slot)
         for slot, token in (force or {}).items():
             if slot in self._sequences:
                 self._sequences[slot].token = int(token)
@@ -429,10 +432,12 @@ class Engine:
             self._inputs[:, :size].copy_(self._staging[:, :size], non_blocking=True)
             graph.replay()
             self._greedy = greedy[:batch]
-            return logits[:batch]
-        self._inputs[:, :size].copy_(self._staging[:, :size], non_blocking=True)
-        self._greedy = None
-        return self._decode_forward(self._inputs, batch)
+            self.last_logits = logits[:batch]
+        else:
+            self._inputs[:, :size].copy_(self._staging[:, :size], non_blocking=True)
+            self._greedy = None
+            self.last_logits = self._decode_forward(self._inputs, batch)
+        return self.last_logits
 
     def _pick(self, logits: torch.Tensor, sequences: List[_Sequence]) -> List[int]:
         greedy = getattr(self, "_greedy", None)

@@ -46,11 +46,46 @@ def _gelu_tanh(y):
 
 
 @triton.jit
+def _unpacked(w, BITS: tl.constexpr, MAGIC: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """Packed bytes (BLOCK_N, BLOCK_K * BITS / 8) -> weights (BLOCK_N, BLOCK_K) in memory order, as
+    fp16 (HALF, for tl.dot) or fp32. MAGIC: int -> float by placing the small unsigned value in
+    the mantissa of 1024 (fp16) or 2^23 (fp32) and subtracting, instead of the conversion unit."""
+    if MAGIC:
+        raw = w.to(tl.int32) & 0xFF
+        if BITS == 8:
+            if HALF:
+                v = ((raw ^ 0x80) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
+            else:
+                v = ((raw ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        else:
+            if HALF:
+                high = (((raw >> 4) ^ 8) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+                low = (((raw & 0xF) ^ 8) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+            else:
+                high = (((raw >> 4) ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+                low = (((raw & 0xF) ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            v = tl.reshape(tl.join(high, low), (BLOCK_N, BLOCK_K))
+    else:
+        wide = w.to(tl.int32)
+        if BITS == 8:
+            v = wide
+        else:
+            # arithmetic shifts: the high nibble keeps its sign, the low one is sign-extended
+            v = tl.reshape(tl.join(wide >> 4, (wide << 28) >> 28), (BLOCK_N, BLOCK_K))
+        if HALF:
+            v = v.to(tl.float16)
+        else:
+            v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
 def _qlinear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, o_ptr, M, N, row_bytes, alpha,
                     stride_x, stride_r, stride_o,
                     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GELU: tl.constexpr,
-                    MAGIC: tl.constexpr):
+                    MAGIC: tl.constexpr, JOIN: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     PACKED: tl.constexpr = BLOCK_K * BITS // 8
@@ -61,11 +96,24 @@ def _qlinear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, o_ptr, M, N, row_bytes, a
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * row_bytes
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    elif JOIN:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, PACKED), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
     for p0 in range(0, row_bytes, PACKED):
         w = tl.load(w_rows + (p0 + offs_p)[None, :])
-        if MAGIC and not USE_DOT:
+        if JOIN:
+            # Weights unpacked into memory order, so x is read contiguously (one dot, wide loads).
+            k0 = p0 * (8 // BITS)
+            values = _unpacked(w, BITS, MAGIC, USE_DOT, BLOCK_N, BLOCK_K)
+            if USE_DOT:
+                xv = tl.load(x_ptr + offs_m[:, None] * stride_x + (k0 + offs_k)[None, :], mask=m_ok[:, None], other=0.0)
+                acc += tl.dot(xv, tl.trans(values))
+            else:
+                xv = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
+                acc += values * xv[None, :]
+        elif MAGIC and not USE_DOT:
             # int -> float without the conversion unit (16 results per clock per SM, slower than
             # HBM delivers int4 weights): put the small unsigned value into the mantissa of 2^23
             # with one logic op and subtract 2^23 plus the offset that made it unsigned.
@@ -128,9 +176,12 @@ def _qlinear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, o_ptr, M, N, row_bytes, a
 
 
 def _tiles(M, N, K, bits, config=None):
-    """The launch settings for this shape, shrunk to fit small (test) models; None if none fits."""
-    use_dot = M > 1
-    block_n, block_k, warps, stages, magic = config or (SMALL_BATCH_CONFIG if use_dot else GEMV_CONFIG)[bits]
+    """The launch settings for this shape, shrunk to fit small (test) models; None if none fits.
+    A setting is (BLOCK_N, BLOCK_K, num_warps, num_stages, magic, join, dot): join unpacks the
+    weights into memory order; dot uses the tensor cores even for one row (padded to 16)."""
+    config = tuple(config or (SMALL_BATCH_CONFIG if M > 1 else GEMV_CONFIG)[bits])
+    block_n, block_k, warps, stages, magic, join, dot = config + (False,) * (7 - len(config))
+    use_dot = M > 1 or dot
     while block_n > 1 and N % block_n:
         block_n //= 2
     while block_k > 1 and K % block_k:
@@ -138,7 +189,8 @@ def _tiles(M, N, K, bits, config=None):
     # tl.dot needs 16 in every dimension; the GEMV variant wants whole 16-byte rows of packed bytes.
     if block_k * bits // 8 < 16 or (use_dot and block_n < 16):
         return None
-    return block_n, block_k, warps, stages, magic and not use_dot
+    # The even/odd layout has no magic conversion on its tensor-core path.
+    return block_n, block_k, warps, stages, magic and (join or not use_dot), join, use_dot
 
 
 def fits(M, N, packed_columns, bits):
@@ -151,11 +203,10 @@ def qlinear(x, weight, scale, bits, bias=None, residual=None, alpha=1.0, gelu=Fa
     N = weight.shape[0]
     if M > MAX_ROWS:
         raise ValueError(f"qlinear takes at most {MAX_ROWS} rows, not {M}")
-    use_dot = M > 1
     tiles = _tiles(M, N, K, bits, config)
     if tiles is None:
         raise ValueError(f"shape ({N}, {K}) does not tile for int{bits}")
-    block_n, block_k, warps, stages, magic = tiles
+    block_n, block_k, warps, stages, magic, join, use_dot = tiles
     if out is None:
         out = torch.empty(M, N, dtype=torch.float16, device=x.device)
     dummy = out
@@ -164,7 +215,7 @@ def qlinear(x, weight, scale, bits, bias=None, residual=None, alpha=1.0, gelu=Fa
         x, weight, scale, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
         M, N, K * bits // 8, float(alpha), x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         BITS=bits, BLOCK_M=16 if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, GELU=gelu, MAGIC=magic,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, GELU=gelu, MAGIC=magic, JOIN=join,
         num_warps=warps, num_stages=stages)
     return out
 
@@ -317,18 +368,19 @@ SETTINGS_ENV = "CHATGLM_KERNEL_SETTINGS"
 def settings() -> dict:
     return {"gemv": {str(b): list(c) for b, c in GEMV_CONFIG.items()},
             "small_batch": {str(b): list(c) for b, c in SMALL_BATCH_CONFIG.items()},
-            "attention": list(ATTENTION_CONFIG), "split": list(SPLIT_CONFIG)}
+            "attention": list(ATTENTION_CONFIG), "split": list(SPLIT_CONFIG), "split_below": SPLIT_BELOW}
 
 
 def apply_settings(values: dict) -> None:
     """Launch settings found by a sweep on this GPU (JSON as settings() writes it). The deploy
     warms Triton's cache with the same settings, so that they cost no compile at load."""
-    global ATTENTION_CONFIG, SPLIT_CONFIG
+    global ATTENTION_CONFIG, SPLIT_CONFIG, SPLIT_BELOW
     for key, table in (("gemv", GEMV_CONFIG), ("small_batch", SMALL_BATCH_CONFIG)):
         for bits, config in values.get(key, {}).items():
             table[int(bits)] = tuple(config)
     ATTENTION_CONFIG = tuple(values.get("attention", ATTENTION_CONFIG))
     SPLIT_CONFIG = tuple(values.get("split", SPLIT_CONFIG))
+    SPLIT_BELOW = int(values.get("split_below", SPLIT_BELOW))
 
 
 if os.environ.get(SETTINGS_ENV):

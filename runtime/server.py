@@ -545,6 +545,9 @@ def make_backend(settings: Settings, model, tokenizer) -> Backend:
             from runtime.engine import Engine
 
             engine = Engine(model, tokenizer, settings.device, settings.max_batch, max_length)
+            # On a GPU: capture the decode step of every batch size now, before /health says
+            # ready, rather than during the first requests of each size.
+            engine.warmup()
             return EngineBackend(engine, tokenizer, settings.max_batch)
         except Exception as exc:
             if settings.backend == "engine":

@@ -287,7 +287,8 @@ def test_cuda_batched_graph_equals_alone(loaded):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("magic", [True, False])
-def test_qlinear_kernel_matches_dequantized_matmul(bits, rows, magic):
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_qlinear_kernel_matches_dequantized_matmul(bits, rows, magic, variant):
     from runtime import kernels
 
     generator = torch.Generator(device="cuda").manual_seed(bits * 100 + rows)
@@ -299,7 +300,9 @@ def test_qlinear_kernel_matches_dequantized_matmul(bits, rows, magic):
     residual = torch.randn(rows, n, device="cuda", generator=generator).half()
     dense = dequantize(packed, scale, bits, torch.float32)
     expected = (x.float() @ dense.t() + bias.float()).half().float()
-    config = (16, 256, 4, 3, magic) if rows == 1 else (32, 128, 4, 3, False)
+    # The plain layouts, and weights unpacked in memory order (join) on CUDA cores or tensor cores.
+    config = [(16, 256, 4, 3, magic) if rows == 1 else (32, 128, 4, 3, False),
+              (16, 256, 4, 3, magic, True, False), (32, 128, 4, 3, magic, True, True)][variant]
     out = torch.full((rows, n), float("nan"), device="cuda", dtype=torch.half)  # every element must be written
     kernels.qlinear(x, packed, scale, bits, bias=bias, config=config, out=out)
     assert (out.float() - expected).norm() / expected.norm() < 2e-3

@@ -289,7 +289,8 @@ class Running:
         while not self.uvicorn.started:
             assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
             time.sleep(0.02)
-        self.port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
+        sockets = self.uvicorn.servers[0].sockets  # none left if the server already stopped (a failed load)
+        self.port = sockets[0].getsockname()[1] if sockets else None
 
     def wait_ready(self, timeout=120):
         deadline = time.monotonic() + timeout
