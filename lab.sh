@@ -8,9 +8,14 @@ cd "$(dirname "$0")"
 
 need_apt=()
 for tool in debootstrap:debootstrap gpg:gnupg apt-ftparchive:apt-utils dpkg-scanpackages:dpkg-dev \
-            git:git git-lfs:git-lfs gcc:gcc curl:curl; do
+            git:git git-lfs:git-lfs gcc:gcc curl:curl socat:socat; do
   command -v "${tool%%:*}" >/dev/null || need_apt+=("${tool##*:}")
 done
+# The lab's systemd hosts boot with systemd-nspawn: the one of the installed systemd's version,
+# so that installing it does not upgrade systemd itself.
+if ! command -v systemd-nspawn >/dev/null; then
+  need_apt+=("systemd-container=$(dpkg-query -W -f '${Version}' systemd)")
+fi
 if ((${#need_apt[@]})); then
   echo "lab.sh: installing ${need_apt[*]}"
   apt-get update -qq
