@@ -27,7 +27,9 @@ if not getattr(state, "chatglm_checked", False):
         each_settings = settings_for(each)
         if each_settings.variant != "auto" and "model" in each_settings.stage_list:
             source_for(each_settings, each_settings.variant)
-        smoke_hosts += each_settings.smoke_test and {"model", "smoke"} <= set(each_settings.stage_list)
+        # The report is written when a host brings figures back: a smoke result or a serve result.
+        smoke_hosts += ((each_settings.smoke_test and {"model", "smoke"} <= set(each_settings.stage_list))
+                        or {"model", "serve"} <= set(each_settings.stage_list))
     state.chatglm_checked = True
     report_dir = Path(settings_for(next(iter(inventory))).report_dir)
     report_dir = report_dir if report_dir.is_absolute() else Path(state.cwd or ROOT) / report_dir
