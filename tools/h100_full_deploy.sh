@@ -151,7 +151,8 @@ if [ -z "$STAGES" ]; then
   else
     STAGES=gpu,python,cuda_libs,model,kernel,smoke
     echo "stage 'system' left out: missing base packages: $(echo ${missing:-none}); apt lists updated within 23 h: $([ -n "$(find "$stamp" -mmin -1380 2>/dev/null)" ] && echo yes || echo no)"
-  fi  # The serve stage runs the server as a systemd unit: kept only where PID 1 is systemd.
+  fi
+  # The serve stage runs the server as a systemd unit: kept only where PID 1 is systemd.
   if [ ! -d /run/systemd/system ]; then
     STAGES=$( [ "$STAGES" = all ] && echo gpu,system,python,cuda_libs,model,kernel,smoke || echo "$STAGES")
     echo "stage 'serve' left out: PID 1 is not systemd here"
