@@ -31,7 +31,7 @@ logger = logging.getLogger("pyinfra")
 def _read_head(git_dir: str) -> str:
     """Shell that sets $head to what <git_dir>/HEAD holds ('' when unreadable); `case
     $head in {NOT_A_COMMIT})` then tells a detached commit (what clone leaves) from a branch."""
-    return f"head=; {{ read -r head < {git_dir}/HEAD; }} 2>/dev/null; "
+    return f"head=; {{ read -r head < {shlex.quote(git_dir + '/HEAD')}; }} 2>/dev/null; "
 
 
 NOT_A_COMMIT = "''|*[!0-9a-f]*"
@@ -46,7 +46,7 @@ class GitHead(FactBase):
         # A detached HEAD (what clone leaves) is read by the shell itself; git only for a
         # branch or anything else.
         return (_read_head(f"{path}/.git") + f"case $head in {NOT_A_COMMIT}) "
-                f"git -C {path} rev-parse HEAD 2>/dev/null || true;; "
+                f"git -C {shlex.quote(path)} rev-parse HEAD 2>/dev/null || true;; "
                 "*) echo $head;; esac")
 
     @staticmethod
@@ -72,7 +72,7 @@ class LfsFiles(FactBase):
         # their blob ids from ls-tree, all pointers through one cat-file. Then one stat for
         # all the files, and their stamps read by the shell.
         return (
-            f"{{ cd {path} 2>/dev/null || exit 0; "
+            f"{{ cd {shlex.quote(path)} 2>/dev/null || exit 0; "
             + _read_head(".git") +
             f"case $head in {NOT_A_COMMIT}) index=;; *) index={STAMPS}/.pointers-$head;; esac; "
             "if [ -n \"$index\" ] && [ -f \"$index\" ]; then "
@@ -88,7 +88,7 @@ class LfsFiles(FactBase):
             "awk '/^@@ / { if (p != \"\" && oid != \"\") print oid, size, p; p = substr($0, 4); oid = \"\"; next } "
             "/^oid sha256:/ { oid = substr($2, 8) } /^size [0-9]+$/ { size = $2 } "
             "END { if (p != \"\" && oid != \"\") print oid, size, p }'; "
-            f"fi; }} | {{ cd {path} 2>/dev/null || exit 0; set --; "
+            f"fi; }} | {{ cd {shlex.quote(path)} 2>/dev/null || exit 0; set --; "
             "while read -r oid size f; do printf 'P %s\\n' \"$oid $size $f\"; set -- \"$@\" \"$f\"; done; "
             "[ $# -gt 0 ] && stat -c 'S %s %n' -- \"$@\" 2>/dev/null; "
             f"for f in \"$@\"; do v=; {{ read -r v < \"{STAMPS}/$f\"; }} 2>/dev/null; "
@@ -124,7 +124,7 @@ class PointerIndex(FactBase):
 
     def command(self, path):
         return (_read_head(f"{path}/.git") + f"case $head in {NOT_A_COMMIT}) ;; *) "
-                f"if [ -f {path}/{STAMPS}/.pointers-$head ]; then echo $head indexed; "
+                f"if [ -f {shlex.quote(f'{path}/{STAMPS}/.pointers-')}$head ]; then echo $head indexed; "
                 "else echo $head; fi;; esac")
 
     @staticmethod

@@ -24,7 +24,7 @@ class ModelFiles(FactBase):
     when a file of the model is replaced or edited on the host; '' when there is none."""
 
     def command(self, path):
-        return (f"cd {path} 2>/dev/null && find . -maxdepth 1 -type f -printf '%P %s %T@\\n' "
+        return (f"cd {shlex.quote(path)} 2>/dev/null && find . -maxdepth 1 -type f -printf '%P %s %T@\\n' "
                 "| LC_ALL=C sort | sha256sum | cut -c1-16 || true")
 
     @staticmethod
@@ -116,7 +116,7 @@ def run(s: Settings, variant: str, model_dir: str, revision: str, device: str):
             host.noop(f"smoke test passed already for this state ({last.get('tokens_per_s')} tokens/s)")
             return
     yield StringCommand("cd", QuoteString(smoke_dir), "&&",
-                        f"{s.venv}/bin/python", QuoteString(script), QuoteString(result))
+                        QuoteString(f"{s.venv}/bin/python"), QuoteString(script), QuoteString(result))
 
 
 class FileSha1(FactBase):
