@@ -40,7 +40,10 @@ if not getattr(state, "chatglm_checked", False):
     stop_on_signals(state, state.chatglm_report, hostlock.is_dry())
     for each in inventory:
         if state.is_host_in_limit(each) and each not in state.activated_hosts:
-            state.chatglm_report.unreachable(each.name, preflight.unreachable_reason(each))
+            reason = preflight.unreachable_reason(each)
+            state.chatglm_report.unreachable(each.name, reason)
+            if "host key" in reason:  # pyinfra's own hint names ~/.ssh/known_hosts
+                logger.error(f"[{each.name}] {reason}")
 
 s = settings_for(host)
 
