@@ -38,6 +38,8 @@ if not getattr(state, "chatglm_checked", False):
     state.add_callback_handler(state.chatglm_report)
     state.add_callback_handler(hostlock.Release())
     stop_on_signals(state, state.chatglm_report, hostlock.is_dry())
+    run = hostlock.run_info(state)  # what a second deploy's message names
+    logger.info(f"--> Deploy run {run['run']} from {run['from']}, started {run['started']}")
     for each in inventory:
         if state.is_host_in_limit(each) and each not in state.activated_hosts:
             reason = preflight.unreachable_reason(each)

@@ -57,7 +57,8 @@ def take_command(info: dict, path: str = LOCK) -> str:
     line = shlex.quote(f"run={info['run']} started={info['started']} from={info['from']}")
     return (
         f"( L={p}; mkdir -p \"$(dirname \"$L\")\" 2>/dev/null; "
-        f"if ! {{ exec 9<>\"$L\"; }} 2>/dev/null; then echo '{MARK} error cannot open '\"$L\"; exit 0; fi; "
+        # `command`: a failing redirection of exec must not end the shell (POSIX special builtin)
+        f"if ! {{ command exec 9<>\"$L\"; }} 2>/dev/null; then echo '{MARK} error cannot open '\"$L\"; exit 0; fi; "
         # -w 2, not -n: a --dry run's probe holds a shared lock for an instant.
         f"if ! flock -x -w 2 9; then printf '{MARK} busy %s\\n' \"$(head -c 400 \"$L\" | tr '\\n' ' ')\"; exit 0; fi; "
         "p=$$; owner=; "
@@ -68,7 +69,7 @@ def take_command(info: dict, path: str = LOCK) -> str:
         f"[ -n \"$owner\" ] || {{ echo '{MARK} error no process owns this connection'; exit 0; }}; "
         # (a zombie is gone too: its parent may reap it late)
         "setsid sh -c 'while s=$(cat /proc/$0/stat 2>/dev/null) && s=${s##*) } && [ \"${s%% *}\" != Z ]; "
-        "do sleep 1; done' \"$owner\" </dev/null >/dev/null 2>&1 & "
+        "do sleep 1 9>&-; done' \"$owner\" </dev/null >/dev/null 2>&1 & "
         f"h=$!; printf '%s pid=%s\\n' {line} \"$h\" > \"$L\"; echo \"{MARK} taken $h\" )"
     )
 
@@ -79,7 +80,7 @@ def check_command(path: str = LOCK) -> str:
     p = shlex.quote(path)
     return (
         f"( L={p}; [ -e \"$L\" ] || {{ echo '{MARK} free'; exit 0; }}; "
-        f"if ! {{ exec 9<\"$L\"; }} 2>/dev/null; then echo '{MARK} free'; exit 0; fi; "
+        f"if ! {{ command exec 9<\"$L\"; }} 2>/dev/null; then echo '{MARK} free'; exit 0; fi; "
         f"if flock -s -n 9; then echo '{MARK} free'; "
         f"else printf '{MARK} busy %s\\n' \"$(head -c 400 \"$L\" | tr '\\n' ' ')\"; fi )"
     )
