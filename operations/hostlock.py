@@ -56,19 +56,19 @@ def take_command(info: dict, path: str = LOCK) -> str:
     p = shlex.quote(path)
     line = shlex.quote(f"run={info['run']} started={info['started']} from={info['from']}")
     return (
-        f"( L={p}; mkdir -p \"$(dirname \"$L\")\" 2>/dev/null; "
+        f"( L={p}; [ -d \"${{L%/*}}\" ] || mkdir -p \"${{L%/*}}\" 2>/dev/null; "
         # `command`: a failing redirection of exec must not end the shell (POSIX special builtin)
         f"if ! {{ command exec 9<>\"$L\"; }} 2>/dev/null; then echo '{MARK} error cannot open '\"$L\"; exit 0; fi; "
         # -w 2, not -n: a --dry run's probe holds a shared lock for an instant.
         f"if ! flock -x -w 2 9; then printf '{MARK} busy %s\\n' \"$(head -c 400 \"$L\" | tr '\\n' ' ')\"; exit 0; fi; "
         "p=$$; owner=; "
         "while [ \"$p\" -gt 1 ] 2>/dev/null; do "
-        "c=$(cat /proc/$p/comm 2>/dev/null) || break; "
+        "{ read -r c < /proc/$p/comm; } 2>/dev/null || break; "
         f"case $c in {SHELLS}) ;; *) owner=$p; break;; esac; "
-        "s=$(cat /proc/$p/stat 2>/dev/null) || break; s=${s##*) }; set -- $s; p=$2; done; "
+        "{ read -r s < /proc/$p/stat; } 2>/dev/null || break; s=${s##*) }; set -- $s; p=$2; done; "
         f"[ -n \"$owner\" ] || {{ echo '{MARK} error no process owns this connection'; exit 0; }}; "
         # (a zombie is gone too: its parent may reap it late)
-        "setsid sh -c 'while s=$(cat /proc/$0/stat 2>/dev/null) && s=${s##*) } && [ \"${s%% *}\" != Z ]; "
+        "setsid sh -c 'while { read -r s < /proc/$0/stat; } 2>/dev/null && s=${s##*) } && [ \"${s%% *}\" != Z ]; "
         "do sleep 1 9>&-; done' \"$owner\" </dev/null >/dev/null 2>&1 & "
         f"h=$!; printf '%s pid=%s\\n' {line} \"$h\" > \"$L\"; echo \"{MARK} taken $h\" )"
     )
@@ -84,12 +84,6 @@ def check_command(path: str = LOCK) -> str:
         f"if flock -s -n 9; then echo '{MARK} free'; "
         f"else printf '{MARK} busy %s\\n' \"$(head -c 400 \"$L\" | tr '\\n' ' ')\"; fi )"
     )
-
-
-def release_command(info: dict, pid: int, path: str = LOCK) -> str:
-    """Shell that ends this run's holder, only while the lock file still names this run."""
-    return (f"grep -q {shlex.quote('run=' + info['run'] + ' ')} {shlex.quote(path)} 2>/dev/null "
-            f"&& kill {int(pid)} 2>/dev/null; true")
 
 
 def parse(lines: list[str]) -> dict:
@@ -128,9 +122,6 @@ def take(state, host_, run_batch) -> dict:
     lock = parse(run_batch(check_command() if dry else take_command(info)))
     if lock["state"] == "busy" and lock["holder"].get("run") == info["run"]:
         lock = {"state": "taken", "pid": 0}
-    if lock["state"] == "taken" and lock["pid"]:
-        holders = state.__dict__.setdefault("chatglm_lock_holders", {})
-        holders[host_.name] = lock["pid"]
     lock["dry"] = dry
     return lock
 
@@ -145,16 +136,17 @@ def is_dry() -> bool:
 
 
 class Release(BaseStateCallback):
-    """Ends this run's holders as pyinfra lets go of each host (the connection's end would
-    do it too, but pyinfra keeps SSH connections open until the process exits)."""
+    """Releases the lock as pyinfra lets go of each host, by ending the SSH connection the
+    holder watches: pyinfra's SSH connector keeps it open until the process exits, and a
+    command to end the holder would cost every run a round trip per host."""
 
     @staticmethod
     def host_disconnect(state, host_):
-        pid = getattr(state, "chatglm_lock_holders", {}).pop(host_.name, 0)
-        if pid:
+        client = getattr(host_.connector, "client", None)
+        if client is not None:
             try:
-                host_.run_shell_command(release_command(run_info(state), pid))
-            except Exception:  # the connection is gone: so is the holder
+                client.close()
+            except Exception:  # already gone: so is the holder
                 pass
 
 
