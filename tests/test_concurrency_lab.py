@@ -70,6 +70,13 @@ def lock_free(lab, host: str) -> bool:
     return lab.ssh(host, f"[ ! -e {LOCK} ] || flock -s -n {LOCK} true", check=False).returncode == 0
 
 
+def released(lab, *hosts):
+    """The lock of each host is free within 3 s of the run's end (its holder looks at the
+    connection once a second)."""
+    for host in hosts:
+        wait_for(lambda: lock_free(lab, host), f"the lock of {host} released", timeout=3)
+
+
 def renew(*hosts):
     for host in hosts:
         labmod.renew(host)
@@ -124,7 +131,7 @@ def test_two_deploys_started_together_one_works_on_each_host(lab, conc, round_):
         if mine:
             stopped_by(out[me], ids[other], mine)
             assert rcs[0 if me == "a" else 1] != 0
-    assert lock_free(lab, "h25") and lock_free(lab, "h26")
+    released(lab, "h25", "h26")
     unchanged(lab, inventory("together-rerun", sorted(hosts)))
 
 
@@ -137,7 +144,6 @@ def test_a_deploy_started_15_s_after_another_stops_on_its_host_and_the_others_go
     try:
         time.sleep(15)
         assert first.poll() is None, log(a)[-3000:]
-        t0 = time.time()
         second = lab.deploy(inventory=b)
         # b stopped h25 at its first operation, and deployed h26 whole meanwhile.
         assert second.returncode != 0, second.stdout[-4000:]
@@ -154,7 +160,7 @@ def test_a_deploy_started_15_s_after_another_stops_on_its_host_and_the_others_go
     # h25 stopped at once: the line came before any other operation's on it.
     text = ANSI.sub("", second.stdout)
     assert text.index("another deploy is running here") < text.index("--> Starting operation: GPU")
-    assert time.time() - t0 < 1200
+    released(lab, "h25", "h26")
     unchanged(lab, inventory("later-rerun", ["h25", "h26"]))
 
 
@@ -195,6 +201,7 @@ def test_a_deploy_meeting_another_at_the_clone_stage_stops_and_the_clone_is_whol
         # One checkout in place, no clone directory left beside it.
         left = lab.ssh(host, "ls -d /opt/chatglm/ChatGLM-6B.* /opt/chatglm/models/*.* 2>/dev/null; true")
         assert left.stdout.strip() == "", left.stdout
+    released(lab, *hosts)
     unchanged(lab, inventory("clone-rerun", hosts))
 
 
@@ -243,7 +250,7 @@ def test_ctrl_c_in_the_python_stage_the_clone_and_the_smoke_test(lab, conc):
     rc = interrupt(proc)
     interrupted_at(name, "h25", "Python: torch for the resolved CUDA and the pinned requirements",
                    rc, inv)
-    wait_for(lambda: lock_free(lab, "h25"), "the lock released", timeout=10)
+    released(lab, "h25")
 
     slow_git(lab, "h25")
     plant()
@@ -252,7 +259,7 @@ def test_ctrl_c_in_the_python_stage_the_clone_and_the_smoke_test(lab, conc):
              "git clone on h25", timeout=900, proc=proc)
     rc = interrupt(proc)
     interrupted_at(name, "h25", "Model: clone ChatGLM-6B code", rc, inv)
-    wait_for(lambda: lock_free(lab, "h25"), "the lock released", timeout=10)
+    released(lab, "h25")
     slow_git(lab, "h25", on=False)
 
     plant()
@@ -261,6 +268,7 @@ def test_ctrl_c_in_the_python_stage_the_clone_and_the_smoke_test(lab, conc):
              "the smoke test on h25", timeout=900, proc=proc)
     rc = interrupt(proc)
     interrupted_at(name, "h25", "Smoke: chat test", rc, inv)
+    released(lab, "h25")
 
     rerun = lab.deploy(inventory=inv)
     assert rerun.returncode == 0, rerun.stdout[-5000:]
