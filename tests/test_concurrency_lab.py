@@ -56,12 +56,24 @@ def run_id(output: str) -> str:
     return re.search(r"--> Deploy run ([0-9a-f]{8}) from ", output).group(1)
 
 
+def changes(output: str) -> dict:
+    """{operation: hosts it changed} from pyinfra's results table."""
+    table = ANSI.sub("", output).split("--> Results:")[1].split("Grand total")[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        match = re.match(r"\s*(.+?)\s{2,}(\d+)\s+(-|\d+)\s+(-|\d+)\s+(-|\d+)\s*$", line)
+        if match:
+            rows[match.group(1)] = 0 if match.group(3) == "-" else int(match.group(3))
+    return rows
+
+
 def unchanged(lab, inv: Path):
-    """A run that changes nothing on any host and exits 0."""
+    """A run that exits 0 and changes nothing on any host. (Its report is new, so the smoke
+    results are fetched into it: a change on the control machine only.)"""
     again = lab.deploy(inventory=inv)
     t = totals(again.stdout)
-    assert again.returncode == 0 and t["success"] == 0 and t["error"] == 0 \
-        and t["no_change"] == t["hosts"], again.stdout[-4000:]
+    done = {op: n for op, n in changes(again.stdout).items() if n and op != "Smoke: fetch result"}
+    assert again.returncode == 0 and t["error"] == 0 and done == {}, again.stdout[-4000:]
     return again
 
 
