@@ -21,7 +21,7 @@ import pytest
 from lab import lab as labmod
 from lab.lab import LAB
 from tests.test_deploy_lab import totals
-from tests.test_faults_lab import ANSI, kill, pip_running, start, wait_for
+from tests.test_faults_lab import ANSI, kill, start, wait_for
 from tests.test_model_lab import inventory as model_inventory
 
 LOCK = "/run/lock/chatglm-deploy.lock"
@@ -229,6 +229,17 @@ def interrupt(proc: subprocess.Popen, sig=signal.SIGINT) -> int:
         raise AssertionError("the deploy did not stop within 60 s of the signal")
 
 
+def running(lab, inv: Path, host: str, op: str, process: str) -> bool:
+    """This run has started op on host, and process runs there (not one an earlier,
+    interrupted run left running: the log must show the operation first)."""
+    return (f"--> Starting operation: {op}" in log(inv)
+            and lab.ssh(host, f"pgrep -f {shlex_quote(process)} >/dev/null", check=False).returncode == 0)
+
+
+def idle(lab, host: str, process: str) -> bool:
+    return lab.ssh(host, f"pgrep -f {shlex_quote(process)} >/dev/null", check=False).returncode != 0
+
+
 def interrupted_at(name: str, host: str, stage: str, rc: int, inv: Path):
     assert rc == 130, log(inv)[-4000:]
     report = fleet(name)
@@ -257,7 +268,8 @@ def test_ctrl_c_in_the_python_stage_the_clone_and_the_smoke_test(lab, conc):
 
     plant()
     proc = start(lab, inv)
-    wait_for(lambda: pip_running(lab, "h25"), "pip on h25", timeout=900, proc=proc)
+    wait_for(lambda: running(lab, inv, "h25", "Python: torch for", "pip [i]nstall"), "pip on h25",
+             timeout=900, proc=proc)
     time.sleep(2)
     rc = interrupt(proc)
     interrupted_at(name, "h25", "Python: torch for the resolved CUDA and the pinned requirements",
@@ -267,8 +279,8 @@ def test_ctrl_c_in_the_python_stage_the_clone_and_the_smoke_test(lab, conc):
     slow_git(lab, "h25")
     plant()
     proc = start(lab, inv)
-    wait_for(lambda: lab.ssh("h25", "pgrep -f '[g]it clone' >/dev/null", check=False).returncode == 0,
-             "git clone on h25", timeout=900, proc=proc)
+    wait_for(lambda: running(lab, inv, "h25", "Model: clone", "[g]it clone"), "git clone on h25",
+             timeout=900, proc=proc)
     rc = interrupt(proc)
     interrupted_at(name, "h25", "Model: clone ChatGLM-6B code", rc, inv)
     released(lab, "h25")
@@ -276,7 +288,7 @@ def test_ctrl_c_in_the_python_stage_the_clone_and_the_smoke_test(lab, conc):
 
     plant()
     proc = start(lab, inv)
-    wait_for(lambda: lab.ssh("h25", "pgrep -f '[s]moke_test.py' >/dev/null", check=False).returncode == 0,
+    wait_for(lambda: running(lab, inv, "h25", "Smoke: chat test", "[s]moke_test.py"),
              "the smoke test on h25", timeout=900, proc=proc)
     rc = interrupt(proc)
     interrupted_at(name, "h25", "Smoke: chat test", rc, inv)
@@ -295,9 +307,11 @@ def test_ctrl_c_in_the_python_stage_the_clone_and_the_smoke_test(lab, conc):
 def test_sigterm_exits_non_zero_with_the_report(lab, conc):
     """SIGTERM (a CI job cancelled): 143, and the unfinished host is INTERRUPTED."""
     inv = inventory("sigterm", ["h25"])
+    # The smoke test an interrupted run started goes on on the host: wait for its end.
+    wait_for(lambda: idle(lab, "h25", "[s]moke_test.py"), "no smoke test on h25", timeout=300)
     lab.ssh("h25", "rm -f /opt/chatglm/smoke/result.json")
     proc = start(lab, inv)
-    wait_for(lambda: lab.ssh("h25", "pgrep -f '[s]moke_test.py' >/dev/null", check=False).returncode == 0,
+    wait_for(lambda: running(lab, inv, "h25", "Smoke: chat test", "[s]moke_test.py"),
              "the smoke test on h25", timeout=600, proc=proc)
     assert interrupt(proc, signal.SIGTERM) == 143
     failed = fleet("sigterm")["failed"]["h25"]
@@ -330,6 +344,7 @@ def test_install_dir_and_weights_cache_with_a_space_through_a_whole_deploy(lab, 
 # --- host key ------------------------------------------------------------------------------
 
 def test_a_changed_host_key_is_reported_with_the_fix_for_the_inventory_file(lab, conc):
+    """h26 comes back with a new host key; h25 (deployed above) goes on."""
     record = next(h for h in labmod.load_state()["hosts"] if h["name"] == "h26")
     key = Path(record["root"]) / "etc/ssh/ssh_host_ed25519_key"
     saved = {p: p.read_bytes() for p in (key, key.with_suffix(".pub"))}
@@ -339,7 +354,7 @@ def test_a_changed_host_key_is_reported_with_the_fix_for_the_inventory_file(lab,
             p.unlink()
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         labmod.power_cycle("h26")
-        run = lab.deploy(inventory=inventory("hostkey", ["h26"]))
+        run = lab.deploy(inventory=inventory("hostkey", ["h25", "h26"]))
     finally:
         for p, data in saved.items():
             p.write_bytes(data)
@@ -354,6 +369,7 @@ def test_a_changed_host_key_is_reported_with_the_fix_for_the_inventory_file(lab,
     assert fix in failed["error"] and f"{known} (the inventory's ssh_known_hosts_file)" in \
         failed["error"]
     assert fix in ANSI.sub("", run.stdout)
+    assert fleet("hostkey")["hosts"]["h25"]["ok"]  # the other host went on
     # The fix works as printed, on a copy of the file: the old key goes, the others stay.
     copy = LAB / "known_hosts-copy"
     copy.write_bytes(known.read_bytes())
