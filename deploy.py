@@ -10,11 +10,11 @@ operation runs, so bad inventory data stops the run with nothing touched.
 
 from pathlib import Path
 
-from pyinfra import host, inventory, state
+from pyinfra import host, inventory, logger, state
 
-from operations import (cuda_libs, factcache, gpu, gpu_kernels, kernel, model, preflight, pyenv, pyplan,
-                        serve, smoke, system, tuning)
-from operations.report import FleetReport
+from operations import (cuda_libs, factcache, gpu, gpu_kernels, hostlock, kernel, model, preflight,
+                        pyenv, pyplan, serve, smoke, system, tuning)
+from operations.report import FleetReport, stop_on_signals
 from operations.settings import ROOT, settings_for, source_for
 from operations.system import HostResources
 
@@ -35,19 +35,37 @@ if not getattr(state, "chatglm_checked", False):
     report_dir = report_dir if report_dir.is_absolute() else Path(state.cwd or ROOT) / report_dir
     state.chatglm_report = FleetReport(report_dir, len(state.activated_hosts), bool(smoke_hosts))
     state.add_callback_handler(state.chatglm_report)
+    state.add_callback_handler(hostlock.Release())
+    stop_on_signals(state, state.chatglm_report, hostlock.is_dry())
+    run = hostlock.run_info(state)  # what a second deploy's message names
+    logger.info(f"--> Deploy run {run['run']} from {run['from']}, started {run['started']}")
     for each in inventory:
         if state.is_host_in_limit(each) and each not in state.activated_hosts:
-            state.chatglm_report.unreachable(each.name, preflight.unreachable_reason(each))
+            reason = preflight.unreachable_reason(each)
+            state.chatglm_report.unreachable(each.name, reason)
+            if "host key" in reason:  # pyinfra's own hint names ~/.ssh/known_hosts
+                logger.error(f"[{each.name}] {reason}")
 
 s = settings_for(host)
-stages = s.stage_list
-if s.batch_facts:  # the facts this host read last run, in one command
-    state.chatglm_facts.prefetch(state, host, factcache.plan_path(s.weights_cache, host))
-os_ident = system.check_supported()
 
-# GPU detection and the resolver run for every host before any change.
-plan = gpu.gpu_plan(s, os_ident)
-gpu.report_plan(name="GPU: detect and resolve the stack", plan=plan)
+
+def first_command(prelude: str) -> list[str]:
+    """The run's first command on this host: prelude (the deploy lock), then the facts the
+    host read last run, in one command; returns the prelude's output."""
+    plan_file = factcache.plan_path(s.weights_cache, host) if s.batch_facts else None
+    state.chatglm_facts.prefetch(state, host, plan_file, prelude)
+    return state.chatglm_facts.prelude.get(host.name, [])
+
+
+lock = hostlock.take(state, host, first_command)
+hostlock.hold(name="Host: one deploy at a time (lock)", lock=lock)
+# A host another deploy holds gets no operation but the one that stops it.
+stages = [] if lock["state"] == "busy" and not lock["dry"] else s.stage_list
+if stages:
+    os_ident = system.check_supported()
+    # GPU detection and the resolver run for every host before any change.
+    plan = gpu.gpu_plan(s, os_ident)
+    gpu.report_plan(name="GPU: detect and resolve the stack", plan=plan)
 
 if "model" in stages:
     # A host short of memory or disk for its variant fails here, before anything is installed.

@@ -14,7 +14,9 @@ Connection (pyinfra's own keys):
 Model:
     variant="auto"            fp16 | int8 | int4 | auto (by GPU memory: fp16 >= 13 GB,
                               int8 >= 10 GB, else int4; CPU-only hosts get int4)
-    install_dir="/opt/chatglm"   venv, code checkout, models/<repo>, smoke/
+    install_dir="/opt/chatglm"   venv, code checkout, models/<repo>, smoke/ (any absolute
+                              path: spaces, quotes, $ work; no control characters or
+                              backslashes, in any path setting)
     code_url, code_revision   the ChatGLM-6B code repo and a 40-hex commit (data/models.toml
                               pins reviewed commits of every repo: fp16 at v1.1.0)
     model_url                 model repo URL; "{name}" becomes chatglm-6b / -int8 / -int4
@@ -58,7 +60,7 @@ Python (data/python.toml holds the installer and torch pins):
     torch_index_url=""        PEP 503 index for torch; "{tag}" becomes cpu/cu121/...
                               ("" = https://download.pytorch.org/whl/{tag})
     torch_version=""          another torch release for the resolved build
-    conda_dir=""              "" = install_dir/conda
+    conda_dir=""              "" = install_dir/conda; no spaces (conda's installer refuses them)
     conda_installer=""        miniforge (default) | miniconda
     conda_installer_url=""    a mirror of the installer (the pinned sha256 still applies when
                               the file name is the same) ...

@@ -249,6 +249,23 @@ def power_cycle(name: str, off_only: bool = False) -> dict:
     return record
 
 
+def renew(name: str) -> dict:
+    """Replace one host by a fresh one of the same name and port (a new disk and host key;
+    the lab's known_hosts file learns the new key); returns its record."""
+    state = load_state()
+    at = next(i for i, h in enumerate(state["hosts"]) if h["name"] == name)
+    old = state["hosts"][at]
+    labhosts.stop_host(old)
+    record = state["hosts"][at] = labhosts.start_host(name, old["port"], ensure_rootfs(log), LAB,
+                                                      gpu=old.get("gpu"))
+    save_state(state)
+    known = LAB / "ssh" / "known_hosts"
+    lines = [line for line in known.read_text().splitlines()
+             if not line.startswith(f"[127.0.0.1]:{old['port']} ")]
+    known.write_text("".join(line + "\n" for line in lines + [record["known_host"]]))
+    return record
+
+
 def down():
     state = load_state()
     for h in state["hosts"]:

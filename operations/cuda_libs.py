@@ -9,6 +9,7 @@ runs cpm_kernels' own lookup to prove all four resolve there.
 """
 
 import json
+import shlex
 
 from pyinfra import host
 from pyinfra.api import FactBase, StringCommand, operation
@@ -38,7 +39,7 @@ class CpmKernelsLookup(FactBase):
 
     def command(self, python):
         names = " ".join(LIBS)
-        return (f"{python} -c \"{LOOKUP}\" {names} 2>&1 | tail -1 || true")
+        return (f"{shlex.quote(python)} -c \"{LOOKUP}\" {names} 2>&1 | tail -1 || true")
 
     @staticmethod
     def default():

@@ -39,15 +39,17 @@ _read_live = pyinfra_host.get_fact
 _IMPORTABLE = ("operations.", "pyinfra.facts.")
 
 
-def batch_command(commands: list, nonce: str) -> StringCommand:
+def batch_command(commands: list, nonce: str, prelude: str = "") -> StringCommand:
     """Many fact commands in one shell, one after another: each after a marker line of a
     per-run nonce (so a fact's own output cannot be mistaken for a boundary), its exit
     status after it. `_split` cuts the output back into (status, stdout lines) per command.
     commands: (command, inline) pairs; an inline command runs in the batch's own shell,
     any other in a subshell of its own (a cd, an exit or a set stays in there).
     The output is sent in one piece at the end: as each command wrote it, it took dozens
-    of SSH packets, each encrypted by the host and decrypted by the control machine."""
-    bits = ["out=$("]
+    of SSH packets, each encrypted by the host and decrypted by the control machine.
+    prelude: shell run first, its output printed before the facts' (the deploy lock)."""
+    bits = [prelude + ";"] if prelude else []
+    bits += ["out=$("]
     for i, (command, inline) in enumerate(commands):
         bits += ["echo", f"{nonce}-{i};", "{" if inline else "(", command,
                  "\n}" if inline else "\n)", "</dev/null", "2>/dev/null;",
@@ -62,7 +64,8 @@ class Batch(FactBase):
     queued: dict = {}
 
     def command(self, facts, nonce):
-        return batch_command(self.queued[nonce], nonce)
+        prelude, commands = self.queued[nonce]
+        return batch_command(commands, nonce, prelude)
 
     @staticmethod
     def default():
@@ -142,6 +145,7 @@ class FactCache(BaseStateCallback):
         self.plans = {}   # host name -> Path of its fact list
         self.live = {}    # host name -> {key: value} read live while the host was unchanged
         self.dirty = set()
+        self.prelude = {}  # host name -> output lines of prefetch's prelude
 
     # -- reading -------------------------------------------------------------------------
 
@@ -169,13 +173,19 @@ class FactCache(BaseStateCallback):
             read[key] = copy.deepcopy(value)  # the same fact read again before any change
         return value
 
-    def prefetch(self, state, host, plan: Path) -> int:
-        """Run the facts this host read last time in one command; returns how many."""
-        self.plans[host.name] = plan
-        try:
-            listed = json.loads(plan.read_text())
-        except (OSError, ValueError):
-            return 0
+    def prefetch(self, state, host, plan: Path | None, prelude: str = "") -> int:
+        """Run the facts this host read last time in one command; returns how many.
+
+        plan None: no facts are batched (batch_facts=False), only the prelude runs.
+        prelude: shell run before the facts in the same command; its output lines (those
+        before the facts') are kept in self.prelude[host name]."""
+        listed = []
+        if plan is not None:
+            self.plans[host.name] = plan
+            try:
+                listed = json.loads(plan.read_text())
+            except (OSError, ValueError):
+                listed = []
         keys, commands = [], []
         for module, name, kwargs in listed if isinstance(listed, list) else []:
             cls = _fact_class(module, name)
@@ -188,14 +198,18 @@ class FactCache(BaseStateCallback):
                 continue
             keys.append(key)
             commands.append(command)
-        if not commands:
+        if not commands and not prelude:
             return 0
         nonce = f"@@chatglm-fact-{secrets.token_hex(8)}"
-        Batch.queued[nonce] = commands
+        Batch.queued[nonce] = (prelude, commands)
         try:
             lines = _read_live(state, host, Batch, kwargs={"facts": len(commands), "nonce": nonce})
         finally:
             del Batch.queued[nonce]
+        first = next((i for i, line in enumerate(lines) if line == f"{nonce}-0"), len(lines))
+        self.prelude[host.name] = lines[:first] if prelude else []
+        if not commands:
+            return 0
         store = self.output.setdefault(host.name, {})
         for i, (status, body) in _split(lines, nonce, len(keys)).items():
             if status == 0:  # a failing fact is read live, so pyinfra reports it as usual

@@ -8,6 +8,7 @@ nvcc for its architecture, and points quantization.py's blob at them.
 """
 
 import hashlib
+import shlex
 from io import StringIO
 
 from pyinfra import host
@@ -62,7 +63,8 @@ def build(model_dir: str, caps: list[str], nvcc: str = "/usr/local/cuda/bin/nvcc
                         QuoteString(out + ".tmp"))
     yield StringCommand("mv", "-f", QuoteString(out + ".tmp"), QuoteString(out))
     yield StringCommand("sh", "-c", QuoteString(
-        f"sha256sum '{source}' | cut -d' ' -f1 > '{out}.chatglm-kernel.sha256'"))
+        f"sha256sum {shlex.quote(source)} | cut -d' ' -f1 > "
+        f"{shlex.quote(out + '.chatglm-kernel.sha256')}"))
 
 
 def patched(text: str, fatbin: str) -> str | None:

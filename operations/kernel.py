@@ -34,8 +34,10 @@ class KernelState(FactBase):
     batch_inline = True  # see operations.factcache._fact_command
 
     def command(self, source, built):
+        source, stamp, built = (shlex.quote(source), shlex.quote(f"{built}.{STAMP.lstrip('.')}"),
+                                shlex.quote(built))
         return (f"src=$(sha256sum {source} 2>/dev/null); src=${{src%% *}}; "
-                f"so=; [ -f {built} ] && {{ read -r so < {built}.{STAMP.lstrip('.')}; }} 2>/dev/null; "
+                f"so=; [ -f {built} ] && {{ read -r so < {stamp}; }} 2>/dev/null; "
                 "echo \"${src:--} ${so:--}\"")
 
     @staticmethod
@@ -54,6 +56,7 @@ class FileText(FactBase):
 
     def command(self, path):
         # base64 keeps every byte, trailing whitespace and newlines included.
+        path = shlex.quote(path)
         return f"[ -f {path} ] && base64 -w0 {path} && echo || echo __MISSING__"
 
     @staticmethod
@@ -74,6 +77,7 @@ class PatchLines(FactBase):
     batch_inline = True  # see operations.factcache._fact_command
 
     def command(self, path):
+        path = shlex.quote(path)
         return (f"if [ -f {path} ]; then "
                 f"grep -nF -e {shlex.quote(CALL)} -e {shlex.quote(MARK)} {path}; true; "
                 "else echo __MISSING__; fi")
@@ -146,7 +150,8 @@ def build(model_dir: str, cpus: int = 0):
                         QuoteString(source), "-shared", "-o", QuoteString(built + ".tmp"))
     yield StringCommand("mv", "-f", QuoteString(built + ".tmp"), QuoteString(built))
     yield StringCommand("sh", "-c", QuoteString(
-        f"sha256sum '{source}' | cut -d' ' -f1 > '{built}.{STAMP.lstrip('.')}'"))
+        f"sha256sum {shlex.quote(source)} | cut -d' ' -f1 > "
+        f"{shlex.quote(built + '.' + STAMP.lstrip('.'))}"))
 
 
 def patched(text: str, path: str, kernel: str) -> str:

@@ -19,6 +19,7 @@ from pyinfra.api import (FactBase, FileUploadCommand, FunctionCommand,
 from pyinfra.api.command import QuoteString
 from pyinfra.operations import files as files_ops
 
+from . import hostlock
 from .common import fail
 from .settings import ROOT, VERIFIED, SettingError, Settings, is_commit, load_toml
 from .system import FreeDiskBytes
@@ -33,7 +34,7 @@ logger = logging.getLogger("pyinfra")
 def _read_head(git_dir: str) -> str:
     """Shell that sets $head to what <git_dir>/HEAD holds ('' when unreadable); `case
     $head in {NOT_A_COMMIT})` then tells a detached commit (what clone leaves) from a branch."""
-    return f"head=; {{ read -r head < {git_dir}/HEAD; }} 2>/dev/null; "
+    return f"head=; {{ read -r head < {shlex.quote(git_dir + '/HEAD')}; }} 2>/dev/null; "
 
 
 NOT_A_COMMIT = "''|*[!0-9a-f]*"
@@ -48,7 +49,7 @@ class GitHead(FactBase):
         # A detached HEAD (what clone leaves) is read by the shell itself; git only for a
         # branch or anything else.
         return (_read_head(f"{path}/.git") + f"case $head in {NOT_A_COMMIT}) "
-                f"git -C {path} rev-parse HEAD 2>/dev/null || true;; "
+                f"git -C {shlex.quote(path)} rev-parse HEAD 2>/dev/null || true;; "
                 "*) echo $head;; esac")
 
     @staticmethod
@@ -74,7 +75,7 @@ class LfsFiles(FactBase):
         # their blob ids from ls-tree, all pointers through one cat-file. Then one stat for
         # all the files, and their stamps read by the shell.
         return (
-            f"{{ cd {path} 2>/dev/null || exit 0; "
+            f"{{ cd {shlex.quote(path)} 2>/dev/null || exit 0; "
             + _read_head(".git") +
             f"case $head in {NOT_A_COMMIT}) index=;; *) index={STAMPS}/.pointers-$head;; esac; "
             "if [ -n \"$index\" ] && [ -f \"$index\" ]; then "
@@ -90,7 +91,7 @@ class LfsFiles(FactBase):
             "awk '/^@@ / { if (p != \"\" && oid != \"\") print oid, size, p; p = substr($0, 4); oid = \"\"; next } "
             "/^oid sha256:/ { oid = substr($2, 8) } /^size [0-9]+$/ { size = $2 } "
             "END { if (p != \"\" && oid != \"\") print oid, size, p }'; "
-            f"fi; }} | {{ cd {path} 2>/dev/null || exit 0; set --; "
+            f"fi; }} | {{ cd {shlex.quote(path)} 2>/dev/null || exit 0; set --; "
             "while read -r oid size f; do printf 'P %s\\n' \"$oid $size $f\"; set -- \"$@\" \"$f\"; done; "
             "[ $# -gt 0 ] && stat -c 'S %s %n' -- \"$@\" 2>/dev/null; "
             f"for f in \"$@\"; do v=; {{ read -r v < \"{STAMPS}/$f\"; }} 2>/dev/null; "
@@ -126,7 +127,7 @@ class PointerIndex(FactBase):
 
     def command(self, path):
         return (_read_head(f"{path}/.git") + f"case $head in {NOT_A_COMMIT}) ;; *) "
-                f"if [ -f {path}/{STAMPS}/.pointers-$head ]; then echo $head indexed; "
+                f"if [ -f {shlex.quote(f'{path}/{STAMPS}/.pointers-')}$head ]; then echo $head indexed; "
                 "else echo $head; fi;; esac")
 
     @staticmethod
@@ -174,6 +175,21 @@ def resolve_ref(refs: dict, ref: str) -> tuple[str, str]:
     return next(iter(found.values())), ""
 
 
+def _clear_dest(dest: str, run: str) -> StringCommand:
+    """Make room for a clone at dest, which holds no checkout (GitHead found none): an empty
+    directory is removed, a repository without a HEAD (a clone cut short) is moved aside
+    under a name the log gives; anything else fails the host, naming what is there."""
+    d, aside = shlex.quote(dest), shlex.quote(f"{dest}.broken-{run}")
+    other = shlex.quote(f"ERROR: {dest} exists and is not a git checkout (it holds: ")
+    fix = shlex.quote("); Fix: move it away or remove it, then rerun the deploy")
+    return StringCommand("sh", "-c", QuoteString(
+        f"if [ -d {d} ] && [ -z \"$(ls -A {d})\" ]; then rmdir {d}; fi; "
+        f"if [ -e {d}/.git ] && ! git -C {d} rev-parse -q --verify HEAD >/dev/null 2>&1; then "
+        f"mv -T {d} {aside} && echo {shlex.quote(f'{dest}: a checkout without a HEAD (a clone cut short) was moved to {dest}.broken-{run}')} >&2; fi; "
+        f"if [ -e {d} ] || [ -L {d} ]; then "
+        f"echo {other}\"$(ls -A {d} 2>/dev/null | head -5 | tr '\\n' ' ')\"{fix} >&2; exit 1; fi"))
+
+
 def _checkout_check(dest: str, commit: str) -> StringCommand:
     d, c = shlex.quote(dest), shlex.quote(commit)
     return StringCommand("sh", "-c", QuoteString(
@@ -213,18 +229,20 @@ def clone(url: str, dest: str, revision: str, allow_floating: bool = False):
     target = commit or revision  # unresolved only while collecting, before git is installed
     env = "GIT_LFS_SKIP_SMUDGE=1"
     if not head:
-        partial = shlex.quote(dest + ".partial")
-        yield StringCommand("rm", "-rf", QuoteString(dest + ".partial"))
+        # The clone is made beside dest under a name of this run's own, and takes dest's
+        # name only once complete. Leftovers of other runs are removed: this runs under
+        # the host's deploy lock (operations/hostlock.py), so none of them is still at work.
+        run = hostlock.run_info(host.state)["run"]
+        partial = f"{dest}.partial-{run}"
+        yield _clear_dest(dest, run)
+        yield StringCommand("sh", "-c", QuoteString(
+            f"rm -rf -- {shlex.quote(dest + '.partial')} {shlex.quote(dest + '.partial-')}*"))
         yield StringCommand(env, "git", "clone", "--quiet", "--no-checkout", QuoteString(url),
-                            QuoteString(dest + ".partial"))
-        yield StringCommand(env, "git", "-C", QuoteString(dest + ".partial"), "-c",
+                            QuoteString(partial))
+        yield StringCommand(env, "git", "-C", QuoteString(partial), "-c",
                             "advice.detachedHead=false", "checkout", "--quiet", "--detach",
                             QuoteString(target))
-        # Only a complete checkout takes the final name; never over something else.
-        taken = shlex.quote(f"ERROR: {dest} exists but is not a git checkout: move it away")
-        yield StringCommand("sh", "-c", QuoteString(
-            f"[ ! -e {shlex.quote(dest)} ] || {{ echo {taken} >&2; exit 1; }}; "
-            f"mv {partial} {shlex.quote(dest)}"))
+        yield StringCommand("mv", "-T", QuoteString(partial), QuoteString(dest))
     else:
         yield StringCommand("git", "-C", QuoteString(dest), "remote", "set-url", "origin",
                             QuoteString(url))

@@ -323,11 +323,68 @@ def check_sources(host_name: str, s, src: dict | None, py: dict | None) -> None:
 
 
 def unreachable_reason(host) -> str:
-    """Why pyinfra could not connect to host: whether its SSH port answers at all."""
+    """Why pyinfra could not connect to host: whether its SSH port answers at all, and
+    whether it answers with the host key the inventory's known-hosts file has for it."""
     address = host.data.get("ssh_hostname") or host.name
     port = int(host.data.get("ssh_port") or 22)
     try:
         with socket.create_connection((address, port), timeout=3):
-            return f"SSH at {address}:{port} answers, but the login failed (see the log above)"
+            pass
     except OSError as error:
         return f"no SSH at {address}:{port}: {error.strerror or error}"
+    known = Path(os.path.expanduser(str(host.data.get("ssh_known_hosts_file")
+                                        or "~/.ssh/known_hosts")))
+    strict = str(host.data.get("ssh_strict_host_key_checking") or "accept-new").lower()
+    problem = host_key_problem(address, port, known, strict == "yes")
+    return problem or f"SSH at {address}:{port} answers, but the login failed (see the log above)"
+
+
+def fingerprint(key) -> str:
+    """A host key's fingerprint as OpenSSH prints it (SHA256:<base64, no padding>)."""
+    import base64
+    import hashlib
+
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+def host_key_problem(address: str, port: int, known: Path, strict: bool) -> str:
+    """'' unless the host's key differs from the one known for it (or, with strict
+    checking, none is known): then what differs and the fix, for the inventory's file."""
+    import paramiko
+
+    name = address if port == 22 else f"[{address}]:{port}"
+    keys = paramiko.HostKeys()
+    try:
+        keys.load(str(known))
+    except (OSError, paramiko.SSHException):
+        pass
+    entry = keys.lookup(name)
+    add = f"ssh-keyscan -p {port} {address} >> {known}"
+    if not entry:
+        if not strict:
+            return ""
+        return (f"SSH at {address}:{port} answers, but {known} (the inventory's "
+                f"ssh_known_hosts_file) has no host key for {name}. Fix: check the host's key "
+                f"fingerprint and add it: {add}")
+    try:
+        with socket.create_connection((address, port), timeout=5) as sock:
+            transport = paramiko.Transport(sock)
+            try:
+                options = transport.get_security_options()
+                wanted = [t for t in options.key_types if t in entry.keys()]
+                if wanted:
+                    options.key_types = wanted  # the key type the file knows, as ssh asks for
+                transport.start_client(timeout=5)
+                offered = transport.get_remote_server_key()
+            finally:
+                transport.close()
+    except (OSError, paramiko.SSHException, EOFError):
+        return ""
+    have = entry.get(offered.get_name())
+    if have is None or have == offered:
+        return ""
+    return (f"the host key of {name} changed: it offers {offered.get_name()} "
+            f"{fingerprint(offered)}, {known} (the inventory's ssh_known_hosts_file) has "
+            f"{fingerprint(have)} (the host was reinstalled, or something is in between). Fix: if "
+            f"the host was reinstalled, ssh-keygen -R '{name}' -f {known}, then add its new key "
+            f"after checking its fingerprint: {add}")

@@ -8,6 +8,7 @@ changed pin is applied on the next run and a second run changes nothing.
 
 import hashlib
 import json
+import shlex
 from io import StringIO
 
 from pyinfra import host, logger
@@ -96,8 +97,8 @@ class PipFreeze(FactBase):
     has no python."""
 
     def command(self, venv):
-        return (f"[ -x {venv}/bin/python ] && {venv}/bin/python -c \"{LIST_DISTS}\" 2>/dev/null "
-                "|| echo NOVENV")
+        py = shlex.quote(f"{venv}/bin/python")
+        return f"[ -x {py} ] && {py} -c \"{LIST_DISTS}\" 2>/dev/null || echo NOVENV"
 
     @staticmethod
     def default():
@@ -119,8 +120,8 @@ class EnvPython(FactBase):
     bool or None (not a venv)}; None when env/bin/python is missing or broken."""
 
     def command(self, env):
-        return (f"[ -x {env}/bin/python ] && {env}/bin/python -c \"{ENV_INFO}\" 2>/dev/null "
-                "|| echo null")
+        py = shlex.quote(f"{env}/bin/python")
+        return f"[ -x {py} ] && {py} -c \"{ENV_INFO}\" 2>/dev/null || echo null"
 
     @staticmethod
     def default():
@@ -142,7 +143,7 @@ class SystemSitePth(FactBase):
     --system-site-packages misses when that interpreter is itself a venv)."""
 
     def command(self, env, python):
-        return (SITE_PTH.format(env=env, python=python)
+        return (SITE_PTH.format(env=shlex.quote(env), python=shlex.quote(python))
                 + '[ "$(cat "$pth" 2>/dev/null)" = "$want" ] && echo ok || echo missing')
 
     @staticmethod
@@ -157,6 +158,7 @@ class Interpreter(FactBase):
     """'3.11' for the interpreter that creates the venv, None when it is not there."""
 
     def command(self, python):
+        python = shlex.quote(python)
         return (f"command -v {python} >/dev/null 2>&1 && {python} -c "
                 "'import sys; print(\"%d.%d\" % sys.version_info[:2])' 2>/dev/null || echo none")
 
@@ -174,7 +176,8 @@ class CondaInstall(FactBase):
     partial: the directory exists without bin/conda (an interrupted install)."""
 
     def command(self, prefix):
-        return (f"if [ -x {prefix}/bin/conda ]; then echo \"installed $({prefix}/bin/conda --version "
+        conda, prefix = shlex.quote(f"{prefix}/bin/conda"), shlex.quote(prefix)
+        return (f"if [ -x {conda} ]; then echo \"installed $({conda} --version "
                 f"2>/dev/null)\"; elif [ -e {prefix} ]; then echo partial; else echo absent; fi")
 
     @staticmethod
@@ -191,8 +194,9 @@ class PythonStack(FactBase):
     fingerprint (FINGERPRINT) taken after those imports; {"error": ...} on failure."""
 
     def command(self, venv):
-        return (f"[ -x {venv}/bin/python ] || {{ echo '{{\"error\": \"no Python environment\"}}'; exit 0; }}; "
-                f"{venv}/bin/python -W ignore -c \"{VERIFY}\" 2>/tmp/.chatglm-verify.err "
+        py = shlex.quote(f"{venv}/bin/python")
+        return (f"[ -x {py} ] || {{ echo '{{\"error\": \"no Python environment\"}}'; exit 0; }}; "
+                f"{py} -W ignore -c \"{VERIFY}\" 2>/tmp/.chatglm-verify.err "
                 "| tail -1 | grep . || python3 -c 'import json; "
                 "print(json.dumps({\"error\": open(\"/tmp/.chatglm-verify.err\").read()[-400:]}))'")
 
@@ -209,8 +213,9 @@ class EnvFingerprint(FactBase):
     "stamp": the record pyenv.verify left after its last successful check, '' if none}."""
 
     def command(self, venv):
-        return (f"[ -x {venv}/bin/python ] && {venv}/bin/python -c \"{FINGERPRINT_AND_STAMP}\" "
-                f"{venv}/{VERIFIED} 2>/dev/null || echo '{{\"fingerprint\": \"\", \"stamp\": \"\"}}'")
+        py, stamp = shlex.quote(f"{venv}/bin/python"), shlex.quote(f"{venv}/{VERIFIED}")
+        return (f"[ -x {py} ] && {py} -c \"{FINGERPRINT_AND_STAMP}\" "
+                f"{stamp} 2>/dev/null || echo '{{\"fingerprint\": \"\", \"stamp\": \"\"}}'")
 
     @staticmethod
     def default():
@@ -248,8 +253,8 @@ def conda(py: dict):
         message = (f"ERROR: {c['url']} has sha256 $got, not the pinned {c['sha256']}; Fix: check "
                    "the mirror, or set conda_installer_sha256 to the sha256 published with the release")
         yield StringCommand("sh", "-c", QuoteString(
-            f"got=$(sha256sum {c['file']} | cut -c1-64); [ \"$got\" = {c['sha256']} ] "
-            f"|| {{ rm -f {c['file']}; echo \"{message}\" >&2; exit 1; }}"))
+            f"got=$(sha256sum {shlex.quote(c['file'])} | cut -c1-64); [ \"$got\" = {c['sha256']} ] "
+            f"|| {{ rm -f {shlex.quote(c['file'])}; echo \"{message}\" >&2; exit 1; }}"))
         yield StringCommand("bash", QuoteString(c["file"]), "-b", "-p", QuoteString(prefix))
         yield StringCommand("rm", "-f", QuoteString(c["file"]))
     else:
@@ -274,7 +279,7 @@ def env(py: dict):
     target = py["env"]
     have = host.get_fact(EnvPython, env=target)
     if py["backend"] == "conda":
-        conda_bin = f"{py['conda']['prefix']}/bin/conda"
+        conda_bin = QuoteString(f"{py['conda']['prefix']}/bin/conda")
         if have is not None and have["version"] != py["python_version"]:
             yield StringCommand(conda_bin, "remove", "-y", "-q", "--all", "-p", QuoteString(target))
             have = None
@@ -322,7 +327,7 @@ def env(py: dict):
             # The H100 image's python3 is itself a venv (/opt/torch/.venv): its torch lives
             # in that venv's site-packages, which --system-site-packages does not reach.
             yield StringCommand("sh", "-c", QuoteString(
-                SITE_PTH.format(env=target, python=py["interpreter"])
+                SITE_PTH.format(env=shlex.quote(target), python=shlex.quote(py["interpreter"]))
                 + 'printf "%s\\n" "$want" > "$pth"'))
     if py["index"]:
         yield from files.put._inner(
@@ -356,7 +361,7 @@ def packages(py: dict):
     installed = host.get_fact(PipFreeze, venv=py["env"]) or {}
     interrupted = bool(host.get_fact(File, path=unfinished))
     force = ["--force-reinstall"] if interrupted else []
-    pip = ("flock", QuoteString(pip_lock), py["python"], *PIP, *force)
+    pip = ("flock", QuoteString(pip_lock), QuoteString(py["python"]), *PIP, *force)
     index = ["--index-url", QuoteString(py["index"])] if py["index"] else []
     commands = []
     if py["torch"] and (interrupted or installed.get("torch") != py["torch"]):
@@ -369,7 +374,7 @@ def packages(py: dict):
                    if installed.get(name, "").split("+")[0] != version.split("+")[0])
     if drift or interrupted:
         # --no-deps: the lock is complete, so pip must not resolve anything beyond it.
-        commands.append(StringCommand(*pip, "--no-deps", *index, "-r", lock_file))
+        commands.append(StringCommand(*pip, "--no-deps", *index, "-r", QuoteString(lock_file)))
     if not commands:
         torch = f"torch {py['torch']}, " if py["torch"] else "the system's torch, "
         host.noop(f"{py['env']} has {torch}and the {len(py['pins'])} pins of {py['lock_name']}")

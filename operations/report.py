@@ -105,15 +105,22 @@ def chart(results: dict[str, dict], failures: dict[str, dict]) -> str:
         width=width, height=y, panels=panels, label_w=label_w, bar_w=bar_w)
 
 
-def write(report_dir: Path, failures: dict[str, dict], hosts: list[str] | None = None) -> Path:
+def write(report_dir: Path, failures: dict[str, dict], hosts: list[str] | None = None,
+          confirmed: set[str] | None = None) -> Path:
     """Write fleet.md, fleet.svg and fleet.json from report_dir/hosts/*.json; return fleet.md.
 
-    + failures: {host: {"stage", "error"[, "result"]}}; a failed host's own smoke result
-      ("result") replaces a stale one from an earlier run
+    + failures: {host: {"stage", "error"[, "result"][, "interrupted"]}}; a failed host's own
+      smoke result ("result") replaces a stale one from an earlier run; an interrupted
+      host is listed as INTERRUPTED (<stage>)
     + hosts: the hosts of this run (default: every host with a result file)
+    + confirmed: the hosts whose result file this run fetched or found equal to the host's
+      own result (default: every file counts); any other file was left by an earlier run,
+      perhaps by another machine of the same name, and is not shown
     """
     results = {}
     for path in sorted((report_dir / "hosts").glob("*.json")):
+        if confirmed is not None and path.stem not in confirmed:
+            continue
         try:
             results[path.stem] = json.loads(path.read_text())
         except ValueError:
@@ -132,7 +139,7 @@ def write(report_dir: Path, failures: dict[str, dict], hosts: list[str] | None =
         shown[name] = r
         answers = r.get("answers") or []
         if failed:
-            status = f"FAILED ({failed.get('stage')})"
+            status = f"{_failed_word(failed)} ({failed.get('stage')})"
         elif not r:
             status = "no smoke result"
         else:
@@ -143,7 +150,8 @@ def write(report_dir: Path, failures: dict[str, dict], hosts: list[str] | None =
             f"| {_num(_answer(r, -1))} | {r.get('tokens_per_s') or '-'} | {_cell(status, 80)} |")
         details.append(f"### {name}\n")
         if failed:
-            details.append(f"- **failed** at `{failed.get('stage')}`: {_cell(failed.get('error'), 1000)}")
+            details.append(f"- **{_failed_word(failed).lower()}** at `{failed.get('stage')}`: "
+                           f"{_cell(failed.get('error'), 1000)}")
         if r:
             versions = ", ".join(f"{k} {v}" for k, v in (r.get("versions") or {}).items() if v)
             details.append(f"- versions: {versions or '-'}")
@@ -175,7 +183,8 @@ def write(report_dir: Path, failures: dict[str, dict], hosts: list[str] | None =
     if failures:
         lines += ["## Failed hosts", "", "| host | stage | error |", "|---|---|---|"]
         for name, f in sorted(failures.items()):
-            lines.append(f"| {name} | {_cell(f.get('stage'), 120)} | {_cell(f.get('error'))} |")
+            stage = f"{f.get('stage')} (interrupted)" if f.get("interrupted") else f.get("stage")
+            lines.append(f"| {name} | {_cell(stage, 120)} | {_cell(f.get('error'))} |")
         lines.append("")
     serving = _serving(report_dir, names)
     if serving:
@@ -215,6 +224,10 @@ def _serving(report_dir: Path, names: list[str]) -> dict:
     return found
 
 
+def _failed_word(failure: dict) -> str:
+    return "INTERRUPTED" if failure.get("interrupted") else "FAILED"
+
+
 class HostLog(logging.Handler):
     """pyinfra's warning and error lines per host ('[h1] ...'): the only trace of an error
     raised inside a Python callback (FunctionCommand), which leaves no command output."""
@@ -246,10 +259,26 @@ class FleetReport(BaseStateCallback):
         self.hosts: list[str] = []
         self.failures: dict[str, dict] = {}
         self._failed_ops: dict[str, tuple] = {}
+        self.confirmed: set[str] = set()  # hosts whose result file is theirs, this run
+        self.done: dict[str, set] = {}     # host -> op hashes completed
+        self.running: dict[str, str] = {}  # host -> op hash started, not yet completed
+        self.written = False
         self.log = HostLog()
         logging.getLogger("pyinfra").addHandler(self.log)
 
+    def confirm(self, name: str):
+        """The host's result file is its current result (smoke.fetch, at execution)."""
+        self.confirmed.add(name)
+
+    def operation_host_start(self, state, host, op_hash):
+        self.running[host.name] = op_hash
+
+    def operation_host_success(self, state, host, op_hash, retry_count=0):
+        self.done.setdefault(host.name, set()).add(op_hash)
+        self.running.pop(host.name, None)
+
     def operation_host_error(self, state, host, op_hash, retry_count=0, max_retries=0):
+        self.running.pop(host.name, None)
         names = sorted(state.get_op_meta(op_hash).names)
         if host.name not in self.failures:
             self.failures[host.name] = {"stage": ", ".join(names) or op_hash, "error": ""}
@@ -283,11 +312,64 @@ class FleetReport(BaseStateCallback):
         # Hosts connect before deploy.py adds this handler; every one of them disconnects.
         self.hosts.append(host.name)
         self.remaining -= 1
-        if self.remaining == 0 and state.is_executing and self.enabled:
-            for name in list(self._failed_ops):
-                self._resolve(state, name)
-            path = write(self.report_dir, self.failures, self.hosts)
-            print(f"\n--> Fleet report: {path} (chart: {path.with_suffix('.svg')})\n")
+        if self.remaining == 0 and state.is_executing and self.enabled and not self.written:
+            self._write(state)
+
+    def _write(self, state):
+        for name in list(self._failed_ops):
+            self._resolve(state, name)
+        path = write(self.report_dir, self.failures, self.hosts, self.confirmed)
+        self.written = True
+        print(f"\n--> Fleet report: {path} (chart: {path.with_suffix('.svg')})\n", flush=True)
+
+    def interrupted(self, state, why: str):
+        """The run was stopped (SIGINT, SIGTERM): every host that had not finished is
+        INTERRUPTED at the operation it was in, or the next one it had to run. Writes the
+        report at once (the disconnect after it may not come)."""
+        if not self.enabled or self.written:
+            return
+        order = list(state.get_op_order()) if hasattr(state, "get_op_order") else []
+        for host in state.inventory:
+            name = host.name
+            if not state.is_host_in_limit(host) or name in self.failures:
+                continue
+            if name not in self.hosts:
+                self.hosts.append(name)
+            mine = [h for h in order if h in state.ops.get(host, {})]
+            if not state.is_executing:
+                stage = "before the first operation"
+            else:
+                op_hash = self.running.get(name) or next(
+                    (h for h in mine if h not in self.done.get(name, ())), None)
+                if op_hash is None:
+                    continue  # every operation of this host completed
+                stage = ", ".join(sorted(state.get_op_meta(op_hash).names)) or op_hash
+            self.failures[name] = {"stage": stage, "error": f"the deploy was interrupted ({why})",
+                                   "interrupted": True}
+        self._write(state)
+
+
+def stop_on_signals(state, report: "FleetReport", dry: bool) -> None:
+    """SIGINT and SIGTERM stop the run with 128 + the signal's number, after the report
+    marks the hosts that did not finish (pyinfra's own SIGINT handler exits 0, and SIGTERM
+    would end the run without a report)."""
+    import signal
+    import sys
+
+    def stop(signum, frame):
+        name = signal.Signals(signum).name
+        print(f"\n--> Interrupted by {name}: the hosts that had not finished are marked "
+              "INTERRUPTED in the report; rerun the deploy to finish them\n", file=sys.stderr,
+              flush=True)
+        if not dry:
+            try:
+                report.interrupted(state, name)
+            except Exception as error:  # the exit status must still say interrupted
+                print(f"--> could not write the report: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
 
 
 def merge(report_dir: Path, parts: dict[str, Path]) -> Path:

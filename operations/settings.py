@@ -226,7 +226,30 @@ def settings_for(host) -> Settings:
     if not s.install_dir.startswith("/"):
         raise SettingError(host.name, "install_dir", f"= {s.install_dir!r} is not absolute",
                            "use an absolute path such as '/opt/chatglm'")
+    check_paths(s)
     return s
+
+
+PATH_SETTINGS = ("install_dir", "conda_dir", "weights_cache", "report_dir")
+
+
+def check_paths(s: Settings) -> None:
+    """Paths are quoted wherever they reach a shell, so spaces, quotes, $, * and the like
+    work; refused are what cannot: a control character (a newline ends a fact's line of
+    output, a command's too), a backslash (written into Python and ini files as it is),
+    and whitespace in the conda prefix (conda's installer refuses it)."""
+    for name in PATH_SETTINGS:
+        value = getattr(s, name)
+        bad = sorted({c for c in value if ord(c) < 32 or ord(c) == 127 or c == "\\"})
+        if bad:
+            raise SettingError(s.host, name, f"= {value!r} contains {', '.join(map(repr, bad))}",
+                               "use a path without control characters or backslashes")
+    if s.python_backend == "conda" and any(c.isspace() for c in s.conda_prefix):
+        name = "conda_dir" if s.conda_dir else "install_dir"
+        raise SettingError(s.host, name, f"= {getattr(s, name)!r} puts conda in {s.conda_prefix!r}, "
+                           "a path with a space, where conda's installer refuses to install",
+                           "set conda_dir to a path without spaces (such as '/opt/conda-chatglm'), "
+                           "or use python_backend='venv'")
 
 
 def mirror_url(mirror: str, name: str) -> str:

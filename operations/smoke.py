@@ -24,7 +24,7 @@ class ModelFiles(FactBase):
     when a file of the model is replaced or edited on the host; '' when there is none."""
 
     def command(self, path):
-        return (f"cd {path} 2>/dev/null && find . -maxdepth 1 -type f -printf '%P %s %T@\\n' "
+        return (f"cd {shlex.quote(path)} 2>/dev/null && find . -maxdepth 1 -type f -printf '%P %s %T@\\n' "
                 "| LC_ALL=C sort | sha256sum | cut -c1-16 || true")
 
     @staticmethod
@@ -116,7 +116,7 @@ def run(s: Settings, variant: str, model_dir: str, revision: str, device: str):
             host.noop(f"smoke test passed already for this state ({last.get('tokens_per_s')} tokens/s)")
             return
     yield StringCommand("cd", QuoteString(smoke_dir), "&&",
-                        f"{s.venv}/bin/python", QuoteString(script), QuoteString(result))
+                        QuoteString(f"{s.venv}/bin/python"), QuoteString(script), QuoteString(result))
 
 
 class FileSha1(FactBase):
@@ -148,6 +148,11 @@ def fetch(s: Settings, local_dir: str):
     Path(local_dir).mkdir(parents=True, exist_ok=True)
     src, dest = f"{s.install_dir}/smoke/result.json", Path(local_dir) / f"{host.name}.json"
     remote = host.get_fact(FileSha1, path=src)
+    report = getattr(host.state, "chatglm_report", None)
+    if host.state.is_executing and report is not None:
+        # The file is this host's result once this operation is through (a failed download
+        # fails the host, whose row then shows only what this run printed).
+        report.confirm(host.name)
     if remote and dest.is_file() and hashlib.sha1(dest.read_bytes()).hexdigest() == remote:
         host.noop(f"{dest} is the host's result")
         return

@@ -79,7 +79,7 @@ class FreeDiskBytes(FactBase):
     batch_inline = True  # see operations.factcache._fact_command
 
     def command(self, path):
-        return (f"p={path}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; "
+        return (f"p={shlex.quote(path)}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; "
                 "df -B1 --output=avail \"$p\"")  # process() takes the last line
 
     @staticmethod

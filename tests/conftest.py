@@ -42,8 +42,9 @@ GPU_DATA.update(h9={"stages": "system,python"}, h10={"stages": "system,python"})
 # an id missing from data/compat.toml.
 # lab.up names its hosts h1..hN, so h12-h14 come up too (idle).
 # h12-h14 and h21-h24: the fault suite (tests/test_faults_lab.py); h21 a simulated H100
-# without a driver.
-HOSTS += [f"h{i}" for i in range(12, 25)]
+# without a driver. h25-h26: two deploys at once, Ctrl-C, odd paths, host keys
+# (tests/test_concurrency_lab.py, which makes them fresh as it needs).
+HOSTS += [f"h{i}" for i in range(12, 27)]
 GPUS.update({"h18": {"gpus": [H100]},
              "h19": {"gpus": [{**H100, "name": "NVIDIA small", "memory_mib": 6144,
                                "device_id": "0x1f99"}]},

@@ -102,3 +102,21 @@ def test_plan_names_differ_per_address_and_keys_are_stable(tmp_path):
     assert a != b and a.parent == b.parent == tmp_path / "fact-plans"
     assert factcache._key(File, {"path": "/x"}) == factcache._key(File, json.loads('{"path": "/x"}'))
     assert factcache._key(File, {"path": object()}) is None
+
+
+def test_a_prelude_runs_first_in_the_same_command_and_leaves_the_facts_as_they_were(tmp_path):
+    """The deploy lock rides in the batch's command (operations/hostlock.py): its lines come
+    before the facts', which split as without it; with no fact at all it still runs."""
+    nonce = "@@chatglm-fact-test"
+    facts = [(HostResources, {}), (Fails, {})]
+    commands = [factcache._fact_command(cls, kwargs) for cls, kwargs in facts]
+    marker = tmp_path / "ran"
+    prelude = f"( echo '@@lock taken 1'; echo 'two words' ); touch {marker}"
+    for batch in (commands, []):
+        marker.unlink(missing_ok=True)
+        command = factcache.batch_command(batch, nonce, prelude).get_raw_value()
+        out = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+        assert out[:2] == ["@@lock taken 1", "two words"] and marker.exists()
+        got = factcache._split(out, nonce, len(batch))
+        assert got == ({0: live(HostResources, {}), 1: (3, ["partial"])} if batch else {})

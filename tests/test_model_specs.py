@@ -67,11 +67,42 @@ def lfs(actual=-1, verified="-", size=1000, oid=OID):
 # --- clone ---------------------------------------------------------------------------------
 
 def test_clone_fresh_checks_out_the_pin_without_smudge():
-    commands, _ = run(model.clone, {f"model.GitHead(path={D})": ""}, url=URL, dest=D, revision=C1)
-    assert commands[1] == f"GIT_LFS_SKIP_SMUDGE=1 git clone --quiet --no-checkout {URL} {D}.partial"
-    assert commands[2].endswith(f"checkout --quiet --detach {C1}")
-    assert f"mv {D}.partial {D}" in commands[3] and "is not a git checkout" in commands[3]
-    assert f'[ "$head" = {C1} ]' in commands[4] and "not the pinned" in commands[4]
+    commands, fake = run(model.clone, {f"model.GitHead(path={D})": ""}, url=URL, dest=D, revision=C1)
+    run_id = fake.state.chatglm_run["run"]
+    # What stands at dest first: an empty directory goes, a clone cut short is moved aside,
+    # anything else fails the host, named; then the leftovers of earlier runs' clones.
+    assert f"rmdir {D};" in commands[0] and f"mv -T {D} {D}.broken-{run_id}" in commands[0]
+    assert "is not a git checkout (it holds: " in commands[0]
+    assert f"rm -rf -- {D}.partial {D}.partial-*" in commands[1]
+    partial = f"{D}.partial-{run_id}"
+    assert commands[2] == f"GIT_LFS_SKIP_SMUDGE=1 git clone --quiet --no-checkout {URL} {partial}"
+    assert commands[3].endswith(f"checkout --quiet --detach {C1}")
+    assert commands[4] == f"mv -T {partial} {D}"
+    assert f'[ "$head" = {C1} ]' in commands[5] and "not the pinned" in commands[5]
+
+
+def test_clone_leaves_room_for_the_checkout_or_names_what_is_in_the_way(tmp_path):
+    """_clear_dest run by sh on real directories (names with a space and a quote)."""
+    base = tmp_path / "it's here"
+    for name in ("empty", "full", "cut"):
+        (base / name).mkdir(parents=True)
+    (base / "full" / "a file").write_text("x")
+    subprocess.run(["git", "init", "-q", str(base / "cut")], check=True)
+
+    def clear(name):
+        command = model._clear_dest(str(base / name), "r1").get_raw_value()
+        return subprocess.run(command, shell=True, capture_output=True, text=True)
+
+    assert clear("empty").returncode == 0 and not (base / "empty").exists()
+    cut = clear("cut")
+    assert cut.returncode == 0 and not (base / "cut").exists()
+    assert (base / "cut.broken-r1" / ".git").is_dir() and "cut.broken-r1" in cut.stderr
+    full = clear("full")
+    assert full.returncode == 1 and (base / "full" / "a file").exists()
+    assert full.stderr.strip() == (f"ERROR: {base}/full exists and is not a git checkout (it "
+                                   "holds: a file ); Fix: move it away or remove it, then rerun "
+                                   "the deploy")
+    assert clear("absent").returncode == 0
 
 
 def test_clone_at_the_pin_is_a_noop():
@@ -125,7 +156,7 @@ def test_floating_revision_unknown_fails_at_execution():
 def test_floating_revision_before_git_is_installed_is_a_change():
     facts = {f"model.RemoteRefs(ref=main, url={URL})": {}, f"model.GitHead(path={D})": ""}
     commands, _ = run(model.clone, facts, url=URL, dest=D, revision="main", allow_floating=True)
-    assert commands and commands[2].endswith("--detach main")
+    assert commands and commands[3].endswith("--detach main")
 
 
 def test_settings_refuse_a_floating_ref_naming_host_setting_and_fix():
