@@ -298,7 +298,7 @@ def gpu_time(fn):
     host's launch cost (larger than these kernels at batch 1) stays out, as in the engine."""
     import triton.testing
 
-    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    return triton.testing.do_bench_cudagraph(fn, rep=10, return_mode="median")
 
 
 class Rotation:
@@ -323,11 +323,9 @@ def sweep():
     shapes = {"qkv": (12288, 4096), "dense": (4096, 4096), "h_to_4h": (16384, 4096), "4h_to_h": (4096, 16384)}
     # (BLOCK_N, BLOCK_K, warps, stages, magic, join, dot): see runtime.kernels._tiles.
     single = [(16, 1024, 4, 3, True), (8, 512, 4, 3, True), (16, 512, 4, 3, True, True, False),
-              (8, 512, 4, 3, True, True, False), (32, 256, 4, 3, True, True, True), (64, 256, 4, 3, True, True, True),
-              (32, 512, 4, 3, True, True, True), (64, 128, 4, 4, True, True, True)]
-    batched = [(64, 128, 4, 3, False), (32, 128, 4, 4, False), (32, 256, 4, 3, True, True, True),
-               (64, 256, 4, 3, True, True, True), (64, 128, 4, 4, True, True, True), (128, 128, 8, 3, True, True, True),
-               (32, 512, 4, 3, True, True, True)]
+              (32, 256, 4, 3, True, True, True), (64, 256, 4, 3, True, True, True)]
+    batched = [(64, 128, 4, 3, False), (32, 256, 4, 3, True, True, True), (64, 256, 4, 3, True, True, True),
+               (64, 128, 4, 4, True, True, True)]
     rows = []
 
     def record(row, ms, nbytes):
@@ -370,9 +368,9 @@ def sweep():
         qkv = torch.randn(batch, 3 * heads * hd, dtype=torch.float16, device=DEVICE)
         index = torch.arange(batch, dtype=torch.int32, device=DEVICE)
         lengths = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
-        candidates = [("attention", c) for c in ((64, 4, 3), (128, 4, 3), (64, 8, 3), (32, 4, 4))]
+        candidates = [("attention", c) for c in ((64, 4, 3), (128, 4, 3), (32, 4, 4))]
         if batch == 1:
-            candidates += [("split attention", c) for c in ((64, 4, 3, 8), (32, 4, 3, 16), (64, 4, 3, 16), (32, 4, 3, 32))]
+            candidates += [("split attention", c) for c in ((64, 4, 3, 8), (32, 4, 3, 16), (32, 4, 3, 32))]
         for kind, config in candidates:
             attend = kernels.split_attention if kind == "split attention" else kernels.decode_attention
 
