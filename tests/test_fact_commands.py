@@ -167,8 +167,9 @@ def test_inline_facts_in_one_batch_give_what_each_gives_alone(lfs_repo, tmp_path
     quant.write_text("def quantize():\n    load_cpu_kernel(**kwargs)\n")
     facts = [
         (system.OsRelease, {}), (system.HostResources, {}), (system.CpuCount, {}),
-        (system.MemoryBytes, {}), (system.FreeDiskBytes, {"path": "/proc/chatglm-none/a/b"}),  # a count no other
-        # process changes between the batch and the live read (procfs: 0 bytes free)
+        # A path under /proc (walked up to it): a disk's free space moves between the two
+        # reads whenever anything else on the machine writes.
+        (system.MemoryBytes, {}), (system.FreeDiskBytes, {"path": "/proc/no such/dir"}),
         (system.MissingDebs, {"packages": ["dpkg", "no-such-package"]}),
         (gpu.NvidiaPciDevices, {}), (gpu.NvidiaSmi, {}), (gpu.KernelModule, {}),
         (gpu.DriverLibraries, {}), (gpu.CudaToolkits, {}), (gpu.AptHolds, {}),
