@@ -31,10 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch settings per weight width: (BLOCK_N, BLOCK_K, num_warps, num_stages, magic int->float).
-# Chosen by the sweep in bench/gpu_decode.py --sweep on an H200; any setting is correct.
-GEMV_CONFIG = {4: (16, 512, 4, 3, True), 8: (16, 256, 4, 3, True)}
-SMALL_BATCH_CONFIG = {4: (32, 256, 4, 3, False), 8: (32, 128, 4, 3, False)}
+# Launch settings per weight width: (BLOCK_N, BLOCK_K, num_warps, num_stages, magic, join, dot),
+# see _tiles. These are the ones the first H200 run (docs/runs/h200-2026-12-05-decode-1.*) measured
+# end to end; `bench/gpu_decode.py --sweep` picks them again per GPU. Any setting is correct.
+GEMV_CONFIG = {4: (16, 1024, 4, 3, True), 8: (8, 512, 4, 3, True)}
+SMALL_BATCH_CONFIG = {4: (64, 128, 4, 3, False), 8: (32, 128, 4, 4, False)}
 MAX_ROWS = 16  # rows of x per launch of the tensor-core variant; more rows: caller dequantizes
 
 
@@ -358,8 +359,8 @@ def _combine_kernel(part_ptr, o_ptr, stride_o, HEAD_DIM: tl.constexpr, SPLITS: t
     tl.store(o_ptr + b * stride_o + h * HEAD_DIM + d, out.to(tl.float16))
 
 
-ATTENTION_CONFIG = (64, 4, 3)  # (BLOCK_T keys per iteration, num_warps, num_stages)
-SPLIT_CONFIG = (64, 4, 3, 8)   # the same plus the number of splits per head
+ATTENTION_CONFIG = (128, 4, 3)  # (BLOCK_T keys per iteration, num_warps, num_stages)
+SPLIT_CONFIG = (64, 4, 3, 4)    # the same plus the number of splits per head
 SPLIT_BELOW = 132              # split when fewer (sequence, head) pairs than this: one per SM
 
 SETTINGS_ENV = "CHATGLM_KERNEL_SETTINGS"
