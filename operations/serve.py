@@ -23,10 +23,9 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import FactBase, FunctionCommand, StringCommand, operation
 from pyinfra.api.command import FileUploadCommand
-from pyinfra.api.util import get_template
 from pyinfra.operations import files, server, systemd
 
-from .common import fail
+from .common import fail, render
 from .settings import DATA, ROOT, Settings, SettingError, load_toml
 from .smoke import FileSha1, ModelFiles
 
@@ -319,8 +318,8 @@ def config(s: Settings, variant: str, model_dir: str, revision: str, device: str
     """
     values = _template_values(s, variant, model_dir, revision, device)
     yield from files.directory._inner(path=CONFIG_DIR, user="root", group="root", mode="755")
-    yield from files.template._inner(src=str(TEMPLATES / "server.toml.j2"), dest=CONFIG,
-                                     user="root", group=s.serve_user, mode="640", **values)
+    yield from files.put._inner(src=io.StringIO(render("server.toml.j2", **values)), dest=CONFIG,
+                                user="root", group=s.serve_user, mode="640")
 
 
 @operation()
@@ -336,9 +335,8 @@ def unit(s: Settings, variant: str, model_dir: str, revision: str, device: str):
     + revision: the model's pinned commit
     + device: 'cuda' or 'cpu'
     """
-    yield from files.template._inner(src=str(TEMPLATES / "chatglm-server.service.j2"), dest=UNIT_PATH,
-                                     user="root", group="root", mode="644",
-                                     **_template_values(s, variant, model_dir, revision, device))
+    text = render("chatglm-server.service.j2", **_template_values(s, variant, model_dir, revision, device))
+    yield from files.put._inner(src=io.StringIO(text), dest=UNIT_PATH, user="root", group="root", mode="644")
 
 
 def _template_values(s: Settings, variant: str, model_dir: str, revision: str, device: str) -> dict:
@@ -349,8 +347,8 @@ def _template_values(s: Settings, variant: str, model_dir: str, revision: str, d
 def planned_fingerprint(s: Settings, variant: str, model_dir: str, revision: str, device: str) -> dict:
     """What this run will leave on the host: {"fingerprint", "unit_sha1"}."""
     values = _template_values(s, variant, model_dir, revision, device)
-    config_text = get_template(str(TEMPLATES / "server.toml.j2")).render(**values)
-    unit_text = get_template(str(TEMPLATES / "chatglm-server.service.j2")).render(**values)
+    config_text = render("server.toml.j2", **values)
+    unit_text = render("chatglm-server.service.j2", **values)
     return {"fingerprint": fingerprint(service_parts(s, config_text, unit_text, _key_sha1(s))),
             "unit_sha1": hashlib.sha1(unit_text.encode()).hexdigest()}
 

@@ -98,10 +98,10 @@ def test_what_the_service_runs_is_in_its_fingerprint(tmp_path, monkeypatch):
 
 
 def render(s, name, device="cpu"):
-    from pyinfra.api.util import get_template
+    from operations.common import render as render_template
 
     values = serve._template_values(s, "int4", "/opt/chatglm/models/chatglm-6b-int4", "a" * 40, device)
-    return get_template(str(ROOT / "templates" / name)).render(**values)
+    return render_template(name, **values)
 
 
 def test_config_is_what_the_server_accepts(tmp_path):
