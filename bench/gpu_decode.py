@@ -225,6 +225,10 @@ def measure_engine(model, single, batch_prompts, args, triton_cache, ref_tokens,
         end_event.synchronize()
         fast["graph_step_ms"] = start_event.elapsed_time(end_event) / 50
         fast["step_loop_ms"] = decode / (args.new - 1) * 1e3
+        try:
+            fast["step_kernels"] = step_kernels(graph)
+        except Exception as error:  # the profiler is a diagnosis: the figures above stand without it
+            fast["step_kernels"] = f"{type(error).__name__}: {error}"
     prefill, decode_b, produced = engine_batch(engine, batch_prompts, args.batch_new)
     fast["batch_tokens_per_s"] = (produced - args.batch) / decode_b
     fast["batch_prefill_s"] = prefill
@@ -240,6 +244,36 @@ def measure_engine(model, single, batch_prompts, args, triton_cache, ref_tokens,
     steps = sum(len(ref) for ref in ref_batch_tokens)
     return fast, tokens, forced, dict(batch_top1_agreement=agree / steps, batch_steps=steps,
                                       batch_mismatch_logit_gaps=batch_gaps[:20])
+
+
+def step_kernels(graph, replays=20):
+    """Where a batch-1 graph step's GPU time goes: kernel time per family (ms per step), the
+    number of kernels, and the rest of the step (gaps between kernels: launch and tail)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    families = {}
+    count = 0
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if not us or event.count == 0:
+            continue
+        name = event.key
+        family = ("int GEMV" if "qlinear" in name else "attention" if "attention" in name or "combine" in name
+                  else "layer norm" if "layer_norm" in name.lower() or "LayerNorm" in name
+                  else "fp16 GEMM/GEMV" if "gemv" in name.lower() or "gemm" in name.lower() or "sm90" in name
+                  else "other")
+        families.setdefault(family, [0.0, 0])
+        families[family][0] += us / 1e3 / replays
+        families[family][1] += event.count / replays
+        count += event.count / replays
+    return {"kernels_per_step": round(count, 1),
+            "ms_per_step": {k: round(v[0], 3) for k, v in sorted(families.items())},
+            "kernels": {k: round(v[1], 1) for k, v in sorted(families.items())},
+            "kernel_ms_total": round(sum(v[0] for v in families.values()), 3)}
 
 
 def engine_single(engine, ids, new_tokens):
@@ -324,6 +358,11 @@ def sweep():
     # (BLOCK_N, BLOCK_K, warps, stages, magic, join, dot): see runtime.kernels._tiles.
     single = [(16, 1024, 4, 3, True), (8, 512, 4, 3, True), (16, 512, 4, 3, True, True, False),
               (32, 256, 4, 3, True, True, True), (64, 256, 4, 3, True, True, True)]
+    # 32-bit words, (BLOCK_N, BLOCK_K, warps, stages): few rows per program, so that the 4096-row
+    # shapes still give every SM several programs.
+    single += [(n, k, w, st, True, False, False, True)
+               for n, k, w, st in ((8, 512, 4, 3), (4, 1024, 4, 3), (4, 512, 4, 4), (2, 1024, 4, 3),
+                                   (8, 1024, 8, 3), (16, 512, 4, 4), (2, 2048, 8, 3), (1, 2048, 4, 3))]
     batched = [(64, 128, 4, 3, False), (32, 256, 4, 3, True, True, True), (64, 256, 4, 3, True, True, True),
                (64, 128, 4, 4, True, True, True)]
     rows = []

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch settings per weight width: (BLOCK_N, BLOCK_K, num_warps, num_stages, magic, join, dot),
+# Launch settings per weight width: (BLOCK_N, BLOCK_K, num_warps, num_stages, magic, join, dot, words),
 # see _tiles. These are the ones the first H200 run (docs/runs/h200-2026-12-05-decode-1.*) measured
 # end to end; `bench/gpu_decode.py --sweep` picks them again per GPU. Any setting is correct.
 GEMV_CONFIG = {4: (16, 1024, 4, 3, True), 8: (8, 512, 4, 3, True)}
@@ -153,9 +153,17 @@ def _qlinear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, o_ptr, M, N, row_bytes, a
                 x_odd = tl.load(x_ptr + k_even + 1).to(tl.float32)
                 acc += high.to(tl.float32) * x_even[None, :] + low.to(tl.float32) * x_odd[None, :]
     if USE_DOT:
-        y = acc
+        _epilogue(acc, offs_m, m_ok[:, None], offs_n, s_ptr, b_ptr, r_ptr, o_ptr, alpha, stride_r, stride_o,
+                  HAS_BIAS, HAS_RES, GELU)
     else:
-        y = tl.sum(acc, axis=1)[None, :]
+        rows = tl.zeros((1,), dtype=tl.int32)
+        _epilogue(tl.sum(acc, axis=1)[None, :], rows, rows[:, None] < 1, offs_n, s_ptr, b_ptr, r_ptr, o_ptr, alpha,
+                  stride_r, stride_o, HAS_BIAS, HAS_RES, GELU)
+
+
+@triton.jit
+def _epilogue(y, rows, row_ok, offs_n, s_ptr, b_ptr, r_ptr, o_ptr, alpha, stride_r, stride_o,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GELU: tl.constexpr):
     # One scale per output row: applied once, after the sum.
     y = y * tl.load(s_ptr + offs_n).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -164,34 +172,64 @@ def _qlinear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, o_ptr, M, N, row_bytes, a
     y = y.to(tl.float16).to(tl.float32)
     if GELU:
         y = _gelu_tanh(y)
-    if USE_DOT:
-        rows = offs_m
-        row_ok = m_ok[:, None]
-    else:
-        rows = tl.zeros((1,), dtype=tl.int32)
-        row_ok = rows[:, None] < 1
     if HAS_RES:
         residual = tl.load(r_ptr + rows[:, None] * stride_r + offs_n[None, :], mask=row_ok, other=0.0).to(tl.float32)
         y = (residual * alpha).to(tl.float16).to(tl.float32) + y
     tl.store(o_ptr + rows[:, None] * stride_o + offs_n[None, :], y.to(tl.float16), mask=row_ok)
 
 
+@triton.jit
+def _qlinear_words_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, o_ptr, row_words, alpha, stride_r, stride_o,
+                          BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GELU: tl.constexpr):
+    """One row of x: the packed weights read as 32-bit words, every weight taken out of its word
+    with one shift and one logic op (no per-byte extraction) and turned into a float by the
+    mantissa trick; x is read contiguously as (words, weights per word)."""
+    PER: tl.constexpr = 32 // BITS
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = tl.arange(0, BLOCK_W)
+    t = tl.arange(0, PER)
+    if BITS == 4:
+        # Little-endian words: byte b holds weights 2b (high nibble) and 2b+1 (low nibble).
+        shift = 4 * (t ^ 1)
+    else:
+        shift = 8 * t
+    # (v & MASK) ^ (2^23 bits | sign bit) is 2^23 + (signed value + offset) as a float32.
+    MASK: tl.constexpr = (1 << BITS) - 1
+    FLIP: tl.constexpr = 0x4B000000 | (1 << (BITS - 1))
+    OFFSET: tl.constexpr = 8388608.0 + (1 << (BITS - 1))
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * row_words
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    for w0 in range(0, row_words, BLOCK_W):
+        words = tl.load(w_rows + (w0 + j)[None, :])
+        v = ((words[:, :, None] >> shift[None, None, :]) & MASK) ^ FLIP
+        v = v.to(tl.float32, bitcast=True) - OFFSET
+        xv = tl.load(x_ptr + (w0 + j)[:, None] * PER + t[None, :]).to(tl.float32)
+        acc += tl.sum(v * xv[None, :, :], axis=2)
+    rows = tl.zeros((1,), dtype=tl.int32)
+    _epilogue(tl.sum(acc, axis=1)[None, :], rows, rows[:, None] < 1, offs_n, s_ptr, b_ptr, r_ptr, o_ptr, alpha,
+              stride_r, stride_o, HAS_BIAS, HAS_RES, GELU)
+
+
 def _tiles(M, N, K, bits, config=None):
     """The launch settings for this shape, shrunk to fit small (test) models; None if none fits.
-    A setting is (BLOCK_N, BLOCK_K, num_warps, num_stages, magic, join, dot): join unpacks the
-    weights into memory order; dot uses the tensor cores even for one row (padded to 16)."""
+    A setting is (BLOCK_N, BLOCK_K, num_warps, num_stages, magic, join, dot, words): join unpacks
+    the weights into memory order; dot uses the tensor cores even for one row (padded to 16);
+    words (one row only) reads the weights as 32-bit words (_qlinear_words_kernel)."""
     config = tuple(config or (SMALL_BATCH_CONFIG if M > 1 else GEMV_CONFIG)[bits])
-    block_n, block_k, warps, stages, magic, join, dot = config + (False,) * (7 - len(config))
+    block_n, block_k, warps, stages, magic, join, dot, words = config + (False,) * (8 - len(config))
     use_dot = M > 1 or dot
+    words = words and M == 1
     while block_n > 1 and N % block_n:
         block_n //= 2
     while block_k > 1 and K % block_k:
         block_k //= 2
     # tl.dot needs 16 in every dimension; the GEMV variant wants whole 16-byte rows of packed bytes.
-    if block_k * bits // 8 < 16 or (use_dot and block_n < 16):
+    if block_k * bits // 8 < 16 or (use_dot and not words and block_n < 16):
         return None
     # The even/odd layout has no magic conversion on its tensor-core path.
-    return block_n, block_k, warps, stages, magic and (join or not use_dot), join, use_dot
+    return block_n, block_k, warps, stages, magic and (join or not use_dot), join, use_dot and not words, words
 
 
 def fits(M, N, packed_columns, bits):
@@ -207,11 +245,18 @@ def qlinear(x, weight, scale, bits, bias=None, residual=None, alpha=1.0, gelu=Fa
     tiles = _tiles(M, N, K, bits, config)
     if tiles is None:
         raise ValueError(f"shape ({N}, {K}) does not tile for int{bits}")
-    block_n, block_k, warps, stages, magic, join, use_dot = tiles
+    block_n, block_k, warps, stages, magic, join, use_dot, words = tiles
     if out is None:
         out = torch.empty(M, N, dtype=torch.float16, device=x.device)
     dummy = out
     grid = (N // block_n, 1)
+    if words:
+        _qlinear_words_kernel[grid](
+            x, weight.view(torch.int32), scale, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
+            K * bits // 32, float(alpha), residual.stride(0) if residual is not None else 0, out.stride(0),
+            BITS=bits, BLOCK_N=block_n, BLOCK_W=block_k * bits // 32, HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, GELU=gelu, num_warps=warps, num_stages=stages)
+        return out
     _qlinear_kernel[grid](
         x, weight, scale, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
         M, N, K * bits // 8, float(alpha), x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),

@@ -287,7 +287,7 @@ def test_cuda_batched_graph_equals_alone(loaded):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("magic", [True, False])
-@pytest.mark.parametrize("variant", [0, 1, 2])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3])
 def test_qlinear_kernel_matches_dequantized_matmul(bits, rows, magic, variant):
     from runtime import kernels
 
@@ -300,9 +300,11 @@ def test_qlinear_kernel_matches_dequantized_matmul(bits, rows, magic, variant):
     residual = torch.randn(rows, n, device="cuda", generator=generator).half()
     dense = dequantize(packed, scale, bits, torch.float32)
     expected = (x.float() @ dense.t() + bias.float()).half().float()
-    # The plain layouts, and weights unpacked in memory order (join) on CUDA cores or tensor cores.
+    # The plain layouts, weights unpacked in memory order (join) on CUDA cores or tensor cores, and
+    # weights read as 32-bit words (one row; more rows fall back to the tensor-core layout).
     config = [(16, 256, 4, 3, magic) if rows == 1 else (32, 128, 4, 3, False),
-              (16, 256, 4, 3, magic, True, False), (32, 128, 4, 3, magic, True, True)][variant]
+              (16, 256, 4, 3, magic, True, False), (32, 128, 4, 3, magic, True, True),
+              (8, 512, 4, 3, magic, False, False, True)][variant]
     out = torch.full((rows, n), float("nan"), device="cuda", dtype=torch.half)  # every element must be written
     kernels.qlinear(x, packed, scale, bits, bias=bias, config=config, out=out)
     assert (out.float() - expected).norm() / expected.norm() < 2e-3
