@@ -43,11 +43,11 @@ Devices:
   dense_weights=False, per use like upstream's CPU path: the same arithmetic either way, the
   dense copy spares every step the unpacking of all weights.
 
-Memory (besides any dense copy above): the KV cache holds 2 * layers * (max_batch + 1) * max_len * hidden values in the model's
-dtype: for ChatGLM-6B in fp16 and max_len 2048, 0.94 GB per slot (15 GB for 16 slots).
+Memory (besides any dense copy above): the KV cache holds 2 * layers * (max_batch + 1) * max_len *
+hidden values in the model's dtype: for ChatGLM-6B in fp16 and max_len 2048, 0.94 GB per slot
+(15 GB for 16 slots).
 """
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -72,7 +72,7 @@ class _Linear:
     weight: Optional[torch.Tensor] = None      # float weights (N, K)
     packed: Optional[torch.Tensor] = None      # int8 (N, K * bits / 8)
     scale: Optional[torch.Tensor] = None       # (N,)
-    bits: int = 0                              # a quantized layer keeps its bits when made dense
+    bits: int = 0                              # kept when made dense: _linear keeps upstream's order
 
     @classmethod
     def of(cls, module):
@@ -388,15 +388,15 @@ class Engine:
         return groups
 
     def _prefill(self, sequences: List[_Sequence]) -> torch.Tensor:
-        """Run the prompts of new sequences together, right-padded to the longest (the padding
-        sees and is seen by nothing real); fill their cache rows; return each prompt's last
-        position's logits, one row per sequence."""
+        """Run the prompts of new sequences together, right-padded to the longest (no real token
+        sees the padding); fill their cache rows; return each prompt's last position's logits,
+        one row per sequence."""
         batch, span = len(sequences), max(len(s.prompt) for s in sequences)
         tokens = torch.zeros(batch, span, dtype=torch.long)
         for row, sequence in enumerate(sequences):
             tokens[row, :len(sequence.prompt)] = torch.tensor(sequence.prompt)
-        lengths, context, mask_position, slots = torch.tensor(
-            [[len(s.prompt), s.context, s.mask_position, s.slot] for s in sequences], device=self.device).split(1, dim=1)
+        facts = [[len(s.prompt), s.context, s.mask_position, s.slot] for s in sequences]
+        lengths, context, mask_position, slots = torch.tensor(facts, device=self.device).split(1, dim=1)
         slots = slots[:, 0]
         steps = torch.arange(span, device=self.device)
         generated = steps >= context

@@ -181,7 +181,8 @@ def test_a_served_host_reports_its_smoke_conversation_through_the_service(tmp_pa
     the table and the details come from serve/<host>.json, beside the Serving table."""
     (tmp_path / "serve").mkdir()
     (tmp_path / "hosts").mkdir()
-    answers = [{"query": "你好！", "response": "你好", "tokens": 4, "ttft_s": 0.02, "seconds": 0.5, "tokens_per_s": 8.0},
+    answers = [{"query": "你好！", "response": "你好", "tokens": 4, "ttft_s": 0.02, "seconds": 0.5,
+                "tokens_per_s": 8.0},
                {"query": "pca", "response": "import x", "tokens": 40, "ttft_s": 0.05, "seconds": 2.0,
                 "tokens_per_s": 20.0}]
     health = {"status": "ready", "variant": "int4", "device": "cpu", "model_commit": "c" * 40, "ready_after_s": 3.5,
