@@ -138,7 +138,10 @@ if "model" in stages:
             changing.append(gpu_kernels.patch(name="Kernel: quantization.py loads the GPU kernels",
                                               model_dir=model_dir, caps=caps))
 
-    if "smoke" in stages and s.smoke_test:
+    smoke_test = "smoke" in stages and s.smoke_test
+    # Served hosts hold the smoke conversation with their service (serve.ready): what is
+    # verified is what clients use. The in-process test is for hosts that do not serve.
+    if smoke_test and not serving:
         device = "cuda" if plan["gpu"] else "cpu"
         smoke.run(name="Smoke: chat test", s=s, variant=variant, model_dir=model_dir,
                   revision=src["model_revision"], device=device)
@@ -162,7 +165,7 @@ if "model" in stages:
         result = f"{s.install_dir}/serve/ready.json"
         serve.ready(name="Serve: ready on /health, the smoke conversation through the API", s=s,
                     fingerprint=planned["fingerprint"], result_path=result, model_dir=model_dir,
-                    changing=restart, chat=s.smoke_test)
+                    changing=restart, chat=smoke_test)
         serve.fetch_key(name="Serve: bring the API key back", s=s,
                         local_path=str(state.chatglm_report.report_dir / "keys" / f"{host.name}.key"))
         serve.fetch_result(name="Serve: fetch result", s=s, result_path=result,

@@ -279,8 +279,8 @@ def step_kernels(graph, replays=20):
 def engine_single(engine, ids, new_tokens):
     start = sync_time()
     slot = engine.add(ids, max_new_tokens=new_tokens, stop_ids=[])
+    tokens = [t for _, t, _ in engine.step()]  # the prompt's run and its first token
     first = sync_time() - start
-    tokens = []
     start = time.perf_counter()
     while engine.active:
         tokens += [t for _, t, _ in engine.step()]
@@ -318,8 +318,8 @@ def engine_batch(engine, prompts, new_tokens):
     start = sync_time()
     for ids in prompts:
         engine.add(ids, max_new_tokens=new_tokens, stop_ids=[])
+    produced = len(engine.step())  # the prompts' run and their first tokens
     prefill = sync_time() - start
-    produced = 0
     start = time.perf_counter()
     while engine.active:
         produced += len(engine.step())

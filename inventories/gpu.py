@@ -86,7 +86,8 @@ GPU stack (resolved from data/compat.toml when unset):
     stages="all"              or a comma list of gpu,system,python,cuda_libs,model,kernel,smoke,serve
 
 Smoke test and report:
-    smoke_test=True           run a chat on every host, bring the figures back
+    smoke_test=True           run a chat on every host, bring the figures back (a host that
+                              serves: the conversation goes through its running service)
     smoke_max_new_tokens=64   cap per answer (0 = the model's own default)
     report_dir="reports"      where fleet.md and hosts/<host>.json are written
 

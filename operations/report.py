@@ -107,7 +107,9 @@ def chart(results: dict[str, dict], failures: dict[str, dict]) -> str:
 
 def write(report_dir: Path, failures: dict[str, dict], hosts: list[str] | None = None,
           confirmed: set[str] | None = None) -> Path:
-    """Write fleet.md, fleet.svg and fleet.json from report_dir/hosts/*.json; return fleet.md.
+    """Write fleet.md, fleet.svg and fleet.json from report_dir/hosts/*.json (the in-process smoke
+    tests) and report_dir/serve/*.json (the services, and the smoke conversation of a served host
+    that has no in-process result); return fleet.md.
 
     + failures: {host: {"stage", "error"[, "result"][, "interrupted"]}}; a failed host's own
       smoke result ("result") replaces a stale one from an earlier run; an interrupted
@@ -126,6 +128,7 @@ def write(report_dir: Path, failures: dict[str, dict], hosts: list[str] | None =
         except ValueError:
             continue
     names = sorted(set(hosts) | set(failures)) if hosts is not None else sorted(set(results) | set(failures))
+    serving = _serving(report_dir, names)
     rows = [
         "| host | variant | device | RAM (GB) | VRAM (GB) | load (s) | short answer (s) "
         "| long answer (s) | tokens/s | status |",
@@ -135,13 +138,15 @@ def write(report_dir: Path, failures: dict[str, dict], hosts: list[str] | None =
     for name in names:
         failed = failures.get(name)
         # A failed host's figures are this run's or none: an old result file would mislead.
-        r = (failed.get("result") or {}) if failed else results.get(name, {})
+        r = (failed.get("result") or {}) if failed else (results.get(name) or service_smoke(serving.get(name)))
         shown[name] = r
         answers = r.get("answers") or []
         if failed:
             status = f"{_failed_word(failed)} ({failed.get('stage')})"
         elif not r:
             status = "no smoke result"
+        elif r.get("through_service"):
+            status = "ok (through the service)"
         else:
             status = "ok" if r.get("ok") else "FAILED"
         rows.append(
@@ -166,7 +171,7 @@ def write(report_dir: Path, failures: dict[str, dict], hosts: list[str] | None =
             first = a["response"].strip().splitlines()[0][:80] if a["response"].strip() else ""
             details.append(f"- `{a['query']}` {a['seconds']:.2f} s, {a['tokens']} tokens "
                            f"({a['tokens_per_s']} tokens/s): {_cell(first, 80)}")
-        if r:
+        if "warnings" in r:  # the in-process test's; a service's warnings are in its journal
             warnings = r.get("warnings") or []
             details.append(f"- warnings: {len(warnings)}"
                            + ("; revision warning: YES" if r.get("revision_warning") else ""))
@@ -186,7 +191,6 @@ def write(report_dir: Path, failures: dict[str, dict], hosts: list[str] | None =
             stage = f"{f.get('stage')} (interrupted)" if f.get("interrupted") else f.get("stage")
             lines.append(f"| {name} | {_cell(stage, 120)} | {_cell(f.get('error'))} |")
         lines.append("")
-    serving = _serving(report_dir, names)
     if serving:
         lines += ["## Serving", "",
                   "| host | endpoint | health | variant | device | model commit | unit start to ready (s) "
@@ -209,6 +213,21 @@ def write(report_dir: Path, failures: dict[str, dict], hosts: list[str] | None =
          "failed": {n: {k: v for k, v in f.items() if k != "result"} for n, f in failures.items()}},
         ensure_ascii=False, indent=1))
     return out
+
+
+def service_smoke(r: dict | None) -> dict:
+    """A served host's smoke figures: the conversation the deploy held with its service
+    (serve/<host>.json, templates/serve_ready.py) in the shape of the in-process test's result;
+    {} when there was none. Load is the server's start to ready, memory its peak."""
+    answers = (r or {}).get("answers")
+    if not answers:
+        return {}
+    h = r.get("health") or {}
+    tokens, seconds = sum(a["tokens"] for a in answers), sum(a["seconds"] for a in answers)
+    return {"ok": True, "through_service": True, "variant": h.get("variant"), "device": h.get("device"),
+            "load_s": h.get("ready_after_s"), "peak_rss_gb": h.get("peak_rss_gb"),
+            "peak_vram_gb": h.get("peak_vram_gb"), "versions": h.get("versions") or {},
+            "answers": answers, "tokens_per_s": round(tokens / seconds, 2) if seconds else None}
 
 
 def _serving(report_dir: Path, names: list[str]) -> dict:

@@ -14,12 +14,15 @@ and the fallback.
     engine.free_slots                 # how many more sequences add() takes now
     text, history = engine.chat("你好", history=[], max_new_tokens=256)   # upstream chat()'s prompt format
 
-Continuous batching: add() and cancel() may be called between any two step() calls. add() runs
-the prompt through the model at once (prefill) and picks the first token; the next step()
-reports that token for the new slot, and every later step() one more token for every active
-slot (all of them in one batched forward pass). A sequence finishes on a stop token (reported,
-with finished=True; default: the model's eos <eop>), after max_new_tokens tokens, or when its
-cache row is full (max_len). The engine is not thread-safe: drive it from one thread.
+Continuous batching: add() and cancel() may be called between any two step() calls. add() takes
+a slot at once; the next step() runs the prompts of every sequence added since the step before
+together (prefill: padded to the longest, each prompt attending to its own tokens only, in groups
+of at most max_len tokens in all so that a batch costs no more memory than one prompt of max_len)
+and reports each one's first token, beside one more token for every sequence already running (all
+of them in one batched forward pass). So requests that arrive while others generate wait for one
+step, not for the others to finish. A sequence finishes on a stop token (reported, with
+finished=True; default: the model's eos <eop>), after max_new_tokens tokens, or when its cache row
+is full (max_len). The engine is not thread-safe: drive it from one thread.
 
 Sampling per sequence: temperature <= 0 is greedy (argmax, the same tokens as upstream's
 chat(do_sample=False)); otherwise softmax(logits / temperature) restricted to the smallest set of
@@ -32,11 +35,17 @@ Devices:
   step is one Triton kernel (rotary, cache write and attention), and the whole decode step is a
   CUDA graph per batch size bucket (1, 2, 4, 8, 16, ...), captured on first use or by warmup().
   Without Triton, or with graphs=False, the same step runs eagerly through torch.
-- CPU: plain torch, eager, float32 (or whatever dtype the model has); quantized weights are
-  dequantized per use, like upstream's CPU path.
+- CPU: plain torch, eager, float32 (or whatever dtype the model has); the attention of a decode
+  step is one batched computation over all sequences (keys padded to the longest, the padding
+  masked). int8/int4 weights are dequantized once, when the engine is made, if that float copy
+  takes at most half of the memory available then (dense_weights=None, the default; for the
+  int4 ChatGLM-6B that is 22.5 GB of float32: 45 GB available or more); otherwise, or with
+  dense_weights=False, per use like upstream's CPU path: the same arithmetic either way, the
+  dense copy spares every step the unpacking of all weights.
 
-Memory: the KV cache holds 2 * layers * (max_batch + 1) * max_len * hidden values in the model's
-dtype: for ChatGLM-6B in fp16 and max_len 2048, 0.94 GB per slot (15 GB for 16 slots).
+Memory (besides any dense copy above): the KV cache holds 2 * layers * (max_batch + 1) * max_len *
+hidden values in the model's dtype: for ChatGLM-6B in fp16 and max_len 2048, 0.94 GB per slot
+(15 GB for 16 slots).
 """
 import math
 from dataclasses import dataclass, field
@@ -51,6 +60,10 @@ except Exception:  # ImportError, or triton failing to find a GPU/compiler
     _kernels = None
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# On CPU, quantized weights are dequantized once when their float copy takes at most this share
+# of the memory available at that moment (the rest stays for the KV cache, the requests and the
+# other programs of the host).
+DENSE_SHARE = 0.5
 
 
 @dataclass
@@ -59,7 +72,7 @@ class _Linear:
     weight: Optional[torch.Tensor] = None      # float weights (N, K)
     packed: Optional[torch.Tensor] = None      # int8 (N, K * bits / 8)
     scale: Optional[torch.Tensor] = None       # (N,)
-    bits: int = 0
+    bits: int = 0                              # kept when made dense: _linear keeps upstream's order
 
     @classmethod
     def of(cls, module):
@@ -81,6 +94,18 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torc
     return wide.to(dtype) * scale.to(dtype)[:, None]
 
 
+def available_memory() -> int:
+    """Bytes of memory the kernel says can be had without swapping (MemAvailable), 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 @dataclass
 class _Sequence:
     slot: int
@@ -92,15 +117,16 @@ class _Sequence:
     top_p: float
     stop_ids: frozenset
     generator: Optional[torch.Generator]
+    prompt: Optional[List[int]] = None    # the prompt until the next step() has run it
     token: int = -1             # the last token picked, fed to the next step
     produced: int = 0
-    reported: bool = False      # has step() returned `token` yet
     tokens: List[int] = field(default_factory=list)
 
 
 class Engine:
     def __init__(self, model, tokenizer=None, device=None, max_batch: int = 16, max_len: int = 2048,
-                 graphs: Optional[bool] = None, use_kernels: Optional[bool] = None):
+                 graphs: Optional[bool] = None, use_kernels: Optional[bool] = None,
+                 dense_weights: Optional[bool] = None):
         config = model.config
         transformer = model.transformer
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -140,8 +166,9 @@ class Engine:
         if use_kernels and _kernels is None:
             raise RuntimeError("runtime.kernels needs triton, which is not importable here")
         self.use_kernels = bool(use_kernels)
-        # Graphs need the kernel attention: torch's per-row attention has data-dependent shapes.
+        # Graphs need the kernel attention: torch's attention has data-dependent shapes.
         self.use_graphs = self.use_kernels if graphs is None else (bool(graphs) and self.use_kernels)
+        self.dense_bytes = self._make_dense(dense_weights)
 
         # Rotary tables in the model's dtype, made on the device the way the reference makes them.
         rotary_dim = self.head_dim // 2
@@ -149,6 +176,10 @@ class Engine:
         freqs = torch.arange(max_len + 1, device=self.device).float()[:, None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos().to(self.dtype).contiguous(), emb.sin().to(self.dtype).contiguous()
+        quarter = rotary_dim // 2
+        first, second = torch.arange(quarter), torch.arange(quarter, rotary_dim)
+        self._turn_order = torch.cat((second, first, second + rotary_dim, first + rotary_dim)).to(self.device)
+        self._turn_sign = torch.tensor(([-1.0] * quarter + [1.0] * quarter) * 2, dtype=self.dtype, device=self.device)
 
         # One extra slot (index max_batch) takes the writes of padding rows in graph buckets.
         shape = (len(self.layers), max_batch + 1, self.heads, max_len, self.head_dim)
@@ -168,6 +199,21 @@ class Engine:
         self.last_logits: Optional[torch.Tensor] = None
         self._pool = None
 
+    def _make_dense(self, wanted: Optional[bool]) -> int:
+        """Dequantize the quantized layers once, on CPU, when wanted (None: when the float copy
+        takes at most DENSE_SHARE of the available memory); returns the bytes that copy takes."""
+        quantized = [linear for layer in self.layers for linear in layer.values()
+                     if isinstance(linear, _Linear) and linear.bits] + ([self.lm_head] if self.lm_head.bits else [])
+        size = sum(linear.packed.shape[0] * linear.packed.shape[1] * 8 // linear.bits for linear in quantized)
+        size *= self.dtype.itemsize
+        if wanted is None:
+            wanted = self.device.type == "cpu" and size <= DENSE_SHARE * available_memory()
+        if not (wanted and quantized) or self.use_kernels:
+            return 0
+        for linear in quantized:
+            linear.weight = dequantize(linear.packed, linear.scale, linear.bits, self.dtype)
+        return size
+
     # --- public API -----------------------------------------------------------------------------
 
     @property
@@ -181,7 +227,8 @@ class Engine:
     def add(self, prompt_ids: Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
             top_p: float = 1.0, seed: Optional[int] = None, stop_ids: Optional[Sequence[int]] = None) -> int:
         """Start a sequence from token ids that end in [gMASK] <sop> (what the ChatGLM tokenizer
-        returns for a prompt); returns its slot. Runs the prompt at once."""
+        returns for a prompt); returns its slot. The next step() runs the prompt, with those of
+        every other sequence added since the last step, and reports its first token."""
         ids = [int(i) for i in prompt_ids]
         if self.bos_id not in ids:
             raise ValueError("prompt_ids must hold <sop> (the tokenizer adds [gMASK] <sop> at the end)")
@@ -205,12 +252,8 @@ class Engine:
         sequence = _Sequence(slot=slot, length=len(ids), context=context,
                              mask_position=marks[0] if marks else max(context - 1, 0),
                              max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                             stop_ids=frozenset([self.eos_id] if stop_ids is None else stop_ids), generator=generator)
-        with torch.inference_mode():
-            logits = self._prefill(ids, sequence)
-            sequence.token = self._pick(logits[None], [sequence])[0]
-        sequence.produced = 1
-        sequence.tokens.append(sequence.token)
+                             stop_ids=frozenset([self.eos_id] if stop_ids is None else stop_ids), generator=generator,
+                             prompt=ids)
         self._sequences[slot] = sequence
         return slot
 
@@ -224,24 +267,28 @@ class Engine:
         force {slot: token} feeds that token instead of the one the slot picked last (teacher
         forcing: how checks compare the engine's choices with a reference's, step by step)."""
         events = []
-        fresh = [s for s in self._sequences.values() if not s.reported]
-        running = sorted((s for s in self._sequences.values() if s.reported and not self._done(s)), key=lambda s: s.slot)
+        ordered = [self._sequences[slot] for slot in sorted(self._sequences)]
+        fresh = [s for s in ordered if s.prompt is not None]
+        running = [s for s in ordered if s.prompt is None]
         for slot, token in (force or {}).items():
             if slot in self._sequences:
                 self._sequences[slot].token = int(token)
-        for sequence in fresh:
-            sequence.reported = True
+        with torch.inference_mode():
+            for group in self._prefill_groups(fresh):
+                picked = self._pick(self._prefill(group), group)
+                for sequence, token in zip(group, picked):
+                    sequence.prompt = None
+                    sequence.token = token
+                    sequence.produced = 1
+                    sequence.tokens.append(token)
+                    events.append(sequence)
+            picked = self._pick(self._decode(running), running) if running else []
+        for sequence, token in zip(running, picked):
+            sequence.length += 1            # the fed token is in the cache now
+            sequence.token = token
+            sequence.produced += 1
+            sequence.tokens.append(token)
             events.append(sequence)
-        if running:
-            with torch.inference_mode():
-                logits = self._decode(running)
-                picked = self._pick(logits, running)
-            for sequence, token in zip(running, picked):
-                sequence.length += 1            # the fed token is in the cache now
-                sequence.token = token
-                sequence.produced += 1
-                sequence.tokens.append(token)
-                events.append(sequence)
         out = []
         for sequence in sorted(events, key=lambda s: s.slot):
             finished = self._done(sequence)
@@ -301,7 +348,9 @@ class Engine:
                 return _kernels.qlinear(x, linear.packed, linear.scale, linear.bits, bias=linear.bias,
                                         residual=residual, alpha=self.alpha, gelu=gelu, out=out)
             # Upstream's order: dequantize, multiply, then add the bias.
-            y = torch.matmul(x, dequantize(linear.packed, linear.scale, linear.bits, x.dtype).t())
+            weight = linear.weight if linear.weight is not None else dequantize(linear.packed, linear.scale,
+                                                                                linear.bits, x.dtype)
+            y = torch.matmul(x, weight.t())
             if linear.bias is not None:
                 y = y + linear.bias
         else:
@@ -312,51 +361,78 @@ class Engine:
             y = residual * self.alpha + y
         return y
 
-    def _rotate(self, x, positions, blocks):
-        """GLM's 2D rotary on (..., tokens, head_dim): first half by position, second by block."""
-        half = self.head_dim // 2
+    def _rotary(self, positions, blocks):
+        """GLM's 2D rotary tables for _rotate, (*positions.shape, head_dim): the first half of a
+        head turns by the position, the second by the block position. Made once per forward pass."""
+        cos = torch.cat((self.cos[positions], self.cos[blocks]), dim=-1)
+        sin = torch.cat((self.sin[positions], self.sin[blocks]), dim=-1) * self._turn_sign
+        return cos, sin
 
-        def turn(part, at):
-            cos, sin = self.cos[at], self.sin[at]
-            first, second = part.chunk(2, dim=-1)
-            return part * cos + torch.cat((-second, first), dim=-1) * sin
+    def _rotate(self, x, rotary):
+        """x * cos + (x with each half's two quarters swapped, the first negated) * sin: the
+        reference's rotate-half in two multiplications and an addition per element (the sign
+        rides on sin: (-a) * b == a * (-b) exactly)."""
+        cos, sin = rotary
+        return x * cos + x[..., self._turn_order] * sin
 
-        return torch.cat((turn(x[..., :half], positions), turn(x[..., half:], blocks)), dim=-1)
+    def _prefill_groups(self, fresh: List[_Sequence]) -> List[List[_Sequence]]:
+        """The new sequences in groups whose prompts, padded to the group's longest, hold at most
+        max_len tokens: a group's attention scores take no more memory than one prompt's."""
+        groups: List[List[_Sequence]] = []
+        for sequence in fresh:
+            group = groups[-1] if groups else None
+            if group and (len(group) + 1) * max(len(s.prompt) for s in group + [sequence]) <= self.max_len:
+                group.append(sequence)
+            else:
+                groups.append([sequence])
+        return groups
 
-    def _prefill(self, ids: List[int], sequence: _Sequence) -> torch.Tensor:
-        """Run a whole prompt for one slot; fill its cache rows; return the last position's logits."""
-        length, context = len(ids), sequence.context
-        tokens = torch.tensor(ids, device=self.device)
-        steps = torch.arange(length, device=self.device)
+    def _prefill(self, sequences: List[_Sequence]) -> torch.Tensor:
+        """Run the prompts of new sequences together, right-padded to the longest (no real token
+        sees the padding); fill their cache rows; return each prompt's last position's logits,
+        one row per sequence."""
+        batch, span = len(sequences), max(len(s.prompt) for s in sequences)
+        tokens = torch.zeros(batch, span, dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            tokens[row, :len(sequence.prompt)] = torch.tensor(sequence.prompt)
+        facts = [[len(s.prompt), s.context, s.mask_position, s.slot] for s in sequences]
+        lengths, context, mask_position, slots = torch.tensor(facts, device=self.device).split(1, dim=1)
+        slots = slots[:, 0]
+        steps = torch.arange(span, device=self.device)
         generated = steps >= context
-        positions = torch.where(generated, torch.full_like(steps, sequence.mask_position), steps)
-        blocks = torch.where(generated, steps - context + 1, torch.zeros_like(steps))
-        # Context keys are seen by every query; from <sop> on, attention is causal.
-        allowed = (steps[None, :] <= steps[:, None]) | (steps[None, :] < context)
-        x = F.embedding(tokens, self.embedding)
-        slot = sequence.slot
+        positions = torch.where(generated, mask_position, steps)[:, None]               # (batch, 1, span)
+        blocks = torch.where(generated, steps - context + 1, torch.zeros_like(steps))[:, None]
+        # Context keys are seen by every query; from <sop> on, attention is causal; no key of
+        # the padding is seen.
+        allowed = ((steps[None, :] <= steps[:, None]) | (steps < context)[:, None, :]) & (steps < lengths)[:, None, :]
+        allowed = allowed[:, None]                                                      # (batch, 1, span, span)
+        rotary = [table[..., None, :] for table in self._rotary(positions, blocks)]   # (batch, 1, span, 1, head_dim)
+        x = F.embedding(tokens.view(-1).to(self.device), self.embedding)                 # (batch * span, hidden)
         for index, layer in enumerate(self.layers):
             normed = F.layer_norm(x, (self.hidden,), *layer["ln1"], self.eps)
-            qkv = self._linear(normed, layer["qkv"]).view(length, self.heads, 3 * self.head_dim).transpose(0, 1)
-            query, key, value = qkv.split(self.head_dim, dim=-1)
-            query, key = self._rotate(query, positions, blocks), self._rotate(key, positions, blocks)
-            self.k_cache[index, slot, :, :length] = key
-            self.v_cache[index, slot, :, :length] = value
+            qkv = self._linear(normed, layer["qkv"]).view(batch, span, self.heads, 3, self.head_dim).transpose(1, 2)
+            turned = self._rotate(qkv[..., :2, :], rotary)    # query and key: (batch, heads, span, 2, head_dim)
+            query, key, value = turned[..., 0, :], turned[..., 1, :], qkv[..., 2, :]
+            # Past a prompt's end its rows take the padding's keys: masked until overwritten.
+            self.k_cache[index, slots, :, :span] = key
+            self.v_cache[index, slots, :, :span] = value
             scores = torch.matmul(query / math.sqrt(self.head_dim), key.transpose(-1, -2)).float()
             scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
             probs = torch.softmax(scores, dim=-1).to(value.dtype)
-            attended = torch.matmul(probs, value).transpose(0, 1).reshape(length, self.hidden)
+            attended = torch.matmul(probs, value).transpose(1, 2).reshape(batch * span, self.hidden)
             x = self._linear(attended, layer["dense"], residual=normed)
             normed = F.layer_norm(x, (self.hidden,), *layer["ln2"], self.eps)
             x = self._linear(self._linear(normed, layer["up"], gelu=True), layer["down"], residual=normed)
-        x = F.layer_norm(x[-1:], (self.hidden,), *self.final_ln, self.eps)
-        return self._linear(x, self.lm_head)[0]
+        last = x.view(batch, span, self.hidden)[torch.arange(batch, device=self.device), lengths[:, 0] - 1]
+        x = F.layer_norm(last, (self.hidden,), *self.final_ln, self.eps)
+        return self._linear(x, self.lm_head)
 
     def _decode_forward(self, inputs: torch.Tensor, batch: int) -> torch.Tensor:
         """One token for `batch` rows described by inputs[:, :batch] (token, slot, length,
         position, block position); returns logits (batch, vocab). Graph-safe with the kernels."""
         tokens, slots, lengths, positions, blocks = (inputs[i, :batch] for i in range(5))
         x = F.embedding(tokens.long(), self.embedding)
+        plain = None if self.use_kernels else self._attention_inputs(slots, lengths, positions, blocks)
         for index, layer in enumerate(self.layers):
             normed = F.layer_norm(x, (self.hidden,), *layer["ln1"], self.eps)
             qkv = self._linear(normed, layer["qkv"])
@@ -366,29 +442,37 @@ class Engine:
                 attended = attend(qkv, self.k_cache[index], self.v_cache[index], self.cos, self.sin,
                                   slots, lengths, positions, blocks, self.heads)
             else:
-                attended = self._torch_attention(index, qkv, slots, lengths, positions, blocks)
+                attended = self._torch_attention(index, qkv, *plain)
             x = self._linear(attended, layer["dense"], residual=normed)
             normed = F.layer_norm(x, (self.hidden,), *layer["ln2"], self.eps)
             x = self._linear(self._linear(normed, layer["up"], gelu=True), layer["down"], residual=normed)
         x = F.layer_norm(x, (self.hidden,), *self.final_ln, self.eps)
         return self._linear(x, self.lm_head)
 
-    def _torch_attention(self, index, qkv, slots, lengths, positions, blocks):
+    def _attention_inputs(self, slots, lengths, positions, blocks):
+        """What _torch_attention needs of a decode step, the same for every layer: slots and
+        lengths as indices, the rotary tables (batch, 1, 1, head_dim), how many cached keys the
+        longest row has, and which keys are padding for each row (batch, 1, 1, span)."""
+        slots, lengths = slots.long(), lengths.long()
+        rotary = [table[:, None, None] for table in self._rotary(positions.long(), blocks.long())]
+        span = int(lengths.max()) + 1
+        padding = torch.arange(span, device=self.device) > lengths[:, None]
+        return slots, lengths, rotary, span, padding[:, None, None, :]
+
+    def _torch_attention(self, index, qkv, slots, lengths, rotary, span, padding):
+        """The decode step's attention for all rows at once: each row's cached keys up to its own
+        length, gathered padded to the longest, the padding masked out of the softmax."""
         batch = qkv.shape[0]
-        qkv = qkv.view(batch, self.heads, 1, 3 * self.head_dim)
-        query, key, value = qkv.split(self.head_dim, dim=-1)
-        at_p, at_b = positions.long()[:, None, None], blocks.long()[:, None, None]
-        query, key = self._rotate(query, at_p, at_b), self._rotate(key, at_p, at_b)
-        rows = []
-        for row, (slot, length) in enumerate(zip(slots.tolist(), lengths.tolist())):
-            self.k_cache[index, slot, :, length] = key[row, :, 0]
-            self.v_cache[index, slot, :, length] = value[row, :, 0]
-            keys = self.k_cache[index, slot, :, :length + 1]
-            values = self.v_cache[index, slot, :, :length + 1]
-            scores = torch.matmul(query[row] / math.sqrt(self.head_dim), keys.transpose(-1, -2)).float()
-            probs = torch.softmax(scores, dim=-1).to(values.dtype)
-            rows.append(torch.matmul(probs, values).reshape(1, self.hidden))
-        return torch.cat(rows)
+        qkv = qkv.view(batch, self.heads, 3, self.head_dim)
+        turned = self._rotate(qkv[:, :, :2], rotary)          # query and key: (batch, heads, 2, head_dim)
+        self.k_cache[index, slots, :, lengths] = turned[:, :, 1]
+        self.v_cache[index, slots, :, lengths] = qkv[:, :, 2]
+        keys = self.k_cache[index, slots, :, :span]                 # (batch, heads, span, head_dim)
+        values = self.v_cache[index, slots, :, :span]
+        scores = torch.matmul(turned[:, :, :1] / math.sqrt(self.head_dim), keys.transpose(-1, -2)).float()
+        scores = scores.masked_fill(padding, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        return torch.matmul(probs, values).reshape(batch, self.hidden)
 
     @staticmethod
     def _bucket(batch: int) -> int:

@@ -24,6 +24,8 @@ import json
 import logging
 import math
 import os
+import platform
+import resource
 import sys
 import threading
 import time
@@ -538,6 +540,18 @@ def load_model(settings: Settings):
     return model, tokenizer
 
 
+def runtime_versions(device: str) -> dict:
+    """The software the model runs on (and the GPU), as /health reports it."""
+    import torch
+    import transformers
+
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "transformers": transformers.__version__, "cuda": torch.version.cuda}
+    if device == "cuda":
+        found["gpu"] = torch.cuda.get_device_name()
+    return found
+
+
 def make_backend(settings: Settings, model, tokenizer) -> Backend:
     max_length = settings.max_prompt_tokens + settings.max_tokens
     if settings.backend in ("auto", "engine"):
@@ -545,6 +559,8 @@ def make_backend(settings: Settings, model, tokenizer) -> Backend:
             from runtime.engine import Engine
 
             engine = Engine(model, tokenizer, settings.device, settings.max_batch, max_length)
+            if engine.dense_bytes:
+                log.info("%s weights dequantized once for the CPU: %.2f GB", settings.variant, engine.dense_bytes / 1e9)
             # On a GPU: capture the decode step of every batch size now, before /health says
             # ready, rather than during the first requests of each size.
             engine.warmup()
@@ -575,6 +591,7 @@ class Service:
         self.ready_after_s: Optional[float] = None
         self.thread: Optional[threading.Thread] = None
         self.on_fatal = lambda: None
+        self.versions: dict = {}
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.thread = threading.Thread(target=self._work, args=(loop,), name="chatglm-worker", daemon=True)
@@ -583,6 +600,7 @@ class Service:
     def _work(self, loop) -> None:
         try:
             model, tokenizer = self.loader(self.settings)
+            self.versions = runtime_versions(self.settings.device)
             backend = self.backend_factory(self.settings, model, tokenizer)
             self.tokenizer, self.backend = tokenizer, backend
             self._warm_up(backend, tokenizer, loop)
@@ -625,7 +643,16 @@ class Service:
                 "backend": type(self.backend).__name__ if self.backend else None,
                 "queue": self.scheduler.queued, "active": self.scheduler.active,
                 "queue_size": self.settings.queue_size, "uptime_s": round(time.monotonic() - self.started, 3),
-                "ready_after_s": self.ready_after_s, **({"error": self.error} if self.error else {})}
+                "ready_after_s": self.ready_after_s, "versions": self.versions,
+                "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 3),
+                "peak_vram_gb": self.peak_vram_gb(), **({"error": self.error} if self.error else {})}
+
+    def peak_vram_gb(self) -> Optional[float]:
+        """The most GPU memory torch has held for this process, None on CPU."""
+        torch = sys.modules.get("torch")
+        if self.settings.device != "cuda" or torch is None or not torch.cuda.is_initialized():
+            return None
+        return round(torch.cuda.max_memory_allocated() / 1e9, 3)
 
     def check_ready(self) -> None:
         if self.state != "ready":

@@ -3,9 +3,11 @@
 Run by the serve stage (operations/serve.ready) with the host's python3, standard library only.
 Polls GET /health until it answers 200; then, with --chat, holds one conversation of the smoke
 queries with the running service over POST /v1/chat/completions, streamed, as a client would
-(time to first token, seconds, tokens and tokens/s per answer); then writes the fingerprint of
-what the service runs (so the next deploy knows it needs no restart) and a JSON of the
-endpoint, the health answer, the seconds from the unit's start to ready and the answers.
+(time to first token, seconds, tokens and tokens/s per answer): with the serve stage on, this is
+the deploy's smoke test. Then it writes the fingerprint of what the service runs (so the next
+deploy knows it needs no restart) and a JSON of the endpoint, the health answer (after the
+conversation, when there was one: the server's peak memory includes it), the seconds from the
+unit's start to ready and the answers.
 On a timeout, or when systemd gave up or restarted the unit 3 times, or when the
 conversation fails, it exits 1 with an ERROR line (and the unit's journal tail).
 """
@@ -124,6 +126,8 @@ def main() -> int:
             key = f.read().strip()
         try:
             result["answers"] = chat(args.url.rsplit("/health", 1)[0], key, queries, args.max_tokens)
+            with urllib.request.urlopen(args.url, timeout=30) as r:
+                result["health"] = json.load(r)
         except (OSError, ValueError, RuntimeError) as exc:
             detail = exc.read(300).decode(errors="replace") if isinstance(exc, urllib.error.HTTPError) else ""
             print(f"ERROR: the conversation with {args.unit} failed: {exc} {detail}".rstrip(), file=sys.stderr)

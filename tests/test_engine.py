@@ -180,6 +180,53 @@ def test_batched_decode_equals_each_alone(loaded):
         assert tokens == alone[index][:budget[index]]
 
 
+def test_prompts_added_together_equal_each_alone(loaded):
+    """Prompts of different lengths added between two steps run as one padded prefill; each
+    sequence's tokens are exactly those it gets alone. A small max_len splits them into groups."""
+    tokenizer, model = loaded("fp16")
+    all_ids = prompts(tokenizer)
+    assert len({len(ids) for ids in all_ids}) > 1  # the padding is exercised
+    longest = max(len(ids) for ids in all_ids)
+    for max_len in (len(all_ids) * longest + STEPS, 2 * longest + STEPS):
+        engine = Engine(model, tokenizer, max_batch=8, max_len=max_len)
+        alone = [engine_greedy(engine, ids, STEPS) for ids in all_ids]
+        groups = engine._prefill_groups([engine._sequences[engine.add(ids, max_new_tokens=1)] for ids in all_ids])
+        assert all(len(g) * max(len(s.prompt) for s in g) <= max_len for g in groups)
+        assert (len(groups) == 1) == (max_len > 2 * longest + STEPS)
+        engine.step()
+        slots = {engine.add(ids, max_new_tokens=STEPS, stop_ids=[]): i for i, ids in enumerate(all_ids)}
+        got = {i: [] for i in slots.values()}
+        first = engine.step()
+        assert [slot for slot, _, _ in first] == sorted(slots)  # every first token in the step after add()
+        for slot, token, _ in first:
+            got[slots[slot]].append(token)
+        while engine.active:
+            for slot, token, _ in engine.step():
+                got[slots[slot]].append(token)
+        assert [got[i] for i in range(len(all_ids))] == alone
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_dense_weights_same_tokens(loaded, variant, monkeypatch):
+    """Quantized weights dequantized once give exactly the tokens of dequantizing per use; by
+    default only when the float copy fits half of the available memory."""
+    tokenizer, model = loaded(variant)
+    dense = Engine(model, tokenizer, max_batch=4, max_len=256, dense_weights=True)
+    per_use = Engine(model, tokenizer, max_batch=4, max_len=256, dense_weights=False)
+    qkv = model.transformer.layers[0].attention.query_key_value
+    assert dense.dense_bytes >= qkv.weight.shape[0] * qkv.weight.shape[1] * 8 // qkv.weight_bit_width * 4
+    assert dense.layers[0]["qkv"].weight is not None and per_use.dense_bytes == 0
+    assert per_use.layers[0]["qkv"].weight is None
+    for ids in prompts(tokenizer):
+        assert engine_greedy(dense, ids, STEPS) == engine_greedy(per_use, ids, STEPS)
+    from runtime import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "available_memory", lambda: 2 * dense.dense_bytes)
+    assert Engine(model, tokenizer, max_batch=1, max_len=64).dense_bytes == dense.dense_bytes
+    monkeypatch.setattr(engine_module, "available_memory", lambda: 2 * dense.dense_bytes - 1)
+    assert Engine(model, tokenizer, max_batch=1, max_len=64).dense_bytes == 0
+
+
 def test_cancel_frees_slot(loaded):
     tokenizer, model = loaded("fp16")
     engine = Engine(model, tokenizer, max_batch=2, max_len=256)

@@ -580,6 +580,13 @@ def test_health_before_and_after_ready(model_dir):
         assert (body["variant"], body["device"], body["model_commit"], body["queue"]) == ("int4", "cpu", "c0ffee", 0)
         assert body["ready_after_s"] > 0 and body["uptime_s"] >= body["ready_after_s"]
         assert body["backend"] == "Gate"
+        # What the deploy's report shows of a served host: the software and the peak memory.
+        import torch
+        import transformers
+
+        assert body["versions"]["torch"] == torch.__version__
+        assert body["versions"]["transformers"] == transformers.__version__
+        assert 0.01 < body["peak_rss_gb"] < 64 and body["peak_vram_gb"] is None
         # no key set: every endpoint open, on loopback
         assert request(running.port, "GET", "/v1/models")[0] == 200
     finally:

@@ -176,6 +176,32 @@ def test_report_table_failures_details_and_chart(tmp_path):
     assert "FAILED at Smoke: chat test" in text and "12.40 GB" in text
 
 
+def test_a_served_host_reports_its_smoke_conversation_through_the_service(tmp_path):
+    """With the serve stage on, the smoke test is the conversation with the service: the row of
+    the table and the details come from serve/<host>.json, beside the Serving table."""
+    (tmp_path / "serve").mkdir()
+    (tmp_path / "hosts").mkdir()
+    answers = [{"query": "你好！", "response": "你好", "tokens": 4, "ttft_s": 0.02, "seconds": 0.5,
+                "tokens_per_s": 8.0},
+               {"query": "pca", "response": "import x", "tokens": 40, "ttft_s": 0.05, "seconds": 2.0,
+                "tokens_per_s": 20.0}]
+    health = {"status": "ready", "variant": "int4", "device": "cpu", "model_commit": "c" * 40, "ready_after_s": 3.5,
+              "peak_rss_gb": 0.8, "peak_vram_gb": None, "versions": {"torch": "2.13.0", "transformers": "4.30.2"}}
+    (tmp_path / "serve" / "s.json").write_text(json.dumps(
+        {"endpoint": "http://127.0.0.1:8000", "health": health, "ready_s": 4.2, "ready_at": "2026-12-05T06:00:00Z",
+         "answers": answers}))
+    # An in-process result of an earlier run, not confirmed by this one: not shown.
+    (tmp_path / "hosts" / "s.json").write_text(json.dumps(_result("int4", 99.0, 9.9)))
+    md = report.write(tmp_path, {}, ["s"], confirmed=set()).read_text()
+    assert "| s | int4 | cpu | 0.80 | - | 3.50 | 0.50 | 2.00 | 17.6 | ok (through the service) |" in md
+    assert "| s | http://127.0.0.1:8000 | ready | int4 | cpu | cccccccccccc | 4.20 | 0.02 / 0.05 | 8.0 / 20.0 |" in md
+    assert "torch 2.13.0, transformers 4.30.2" in md and "`pca` 2.00 s, 40 tokens (20.0 tokens/s)" in md
+    assert "warnings:" not in md and "99.00" not in md
+    # Without answers (the conversation was off), the row says so rather than inventing figures.
+    (tmp_path / "serve" / "s.json").write_text(json.dumps({"endpoint": "http://127.0.0.1:8000", "health": health}))
+    assert "| s | - | - |" in report.write(tmp_path, {}, ["s"], confirmed=set()).read_text()
+
+
 def _state(op_names, meta):
     return SimpleNamespace(
         is_executing=True,
