@@ -16,7 +16,7 @@ from operations import (cuda_libs, factcache, gpu, gpu_kernels, hostlock, kernel
                         pyenv, pyplan, serve, smoke, system, tuning)
 from operations.report import FleetReport, stop_on_signals
 from operations.settings import ROOT, settings_for, source_for
-from operations.system import HostResources
+from facts.system import HostResources
 
 # Every host's data is validated on the first pass, before any host's facts are read.
 if not getattr(state, "chatglm_checked", False):

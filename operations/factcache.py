@@ -36,7 +36,7 @@ from pyinfra.api.facts import _MISSING_COMMAND_MARKER as MISSING_COMMAND_MARKER
 from pyinfra.api.facts import ShortFactBase
 
 _read_live = pyinfra_host.get_fact
-_IMPORTABLE = ("operations.", "pyinfra.facts.")
+_IMPORTABLE = ("facts.", "operations.", "pyinfra.facts.")
 
 
 def batch_command(commands: list, nonce: str, prelude: str = "") -> StringCommand:

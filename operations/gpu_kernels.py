@@ -16,8 +16,9 @@ from pyinfra.api import StringCommand, operation
 from pyinfra.api.command import QuoteString
 from pyinfra.operations import files
 
-from .common import fail
-from .kernel import FileText, KernelState
+from facts.kernel import KernelState
+
+from .common import fail, text_of
 from .settings import DATA, load_toml
 
 SOURCE = DATA / "kernels" / "quantization_kernels.cu"
@@ -88,7 +89,7 @@ def patch(model_dir: str, caps: list[str]):
     + caps: the compute capabilities the kernels were built for
     """
     path = f"{model_dir}/quantization.py"
-    text = host.get_fact(FileText, path=path)
+    text = text_of(path)
     if text is None:
         host.noop(f"{path} is patched once the model is cloned")
         return

@@ -387,7 +387,7 @@ def patch_facts(text, tmp_path):
     copy.write_text(text)
     command = kernel.PatchLines().command(path=str(copy))
     out = subprocess.run(["sh", "-c", command], capture_output=True, text=True).stdout
-    return {"system.CpuCount": 2, f"kernel.FileText(path={Q})": text,
+    return {"system.CpuCount": 2, f"files.FileContents(path={Q})": text.removesuffix("\n").split("\n"),
             f"kernel.PatchLines(path={Q})": kernel.PatchLines().process(out.splitlines()),
             f"files.File(path={Q})": {"mode": 644}}
 
@@ -400,7 +400,7 @@ def test_patch_operation_and_unknown_file(tmp_path):
     patched = kernel.patched(FIXTURE, Q, KERNEL)
     commands, fake = run(kernel.patch_quantization, patch_facts(patched, tmp_path), model_dir=D)
     assert commands == [] and fake.noops == [f"{Q} already loads {KERNEL}"]
-    assert f"kernel.FileText(path={Q})" not in fake.asked  # the grep sufficed
+    assert f"files.FileContents(path={Q})" not in fake.asked  # the grep sufficed
     broken = quantization_variants.no_call(FIXTURE)
     commands, _ = run(kernel.patch_quantization, patch_facts(broken, tmp_path),
                       executing=True, model_dir=D)

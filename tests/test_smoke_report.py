@@ -16,6 +16,7 @@ import pytest
 from pyinfra.api.operation import OperationMeta
 from pyinfra.connectors.util import CommandOutput, OutputLine
 
+from facts import smoke as smoke_facts
 from operations import report, smoke
 from operations.settings import ROOT, Settings, load_toml
 
@@ -96,7 +97,7 @@ def test_smoke_script_records_warnings_and_a_revision_warning(tmp_path, fp16_che
 
 
 def test_model_files_fact_changes_when_a_model_file_changes(tmp_path):
-    fact = smoke.ModelFiles()
+    fact = smoke_facts.ModelFiles()
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / ".git").mkdir()
 

@@ -1,0 +1,7 @@
+"""The project's facts: what each stage reads from a host, one module per stage, beside
+operations/ the way pyinfra keeps pyinfra/facts beside pyinfra/operations.
+
+A converged host runs them all in one command (operations/factcache.py); a fact marked
+`batch_inline = True` runs in that command's own shell, so its command sets every variable
+it reads and neither exits, changes directory nor sets shell options.
+"""
