@@ -9,8 +9,8 @@ runs cpm_kernels' own lookup to prove all four resolve there.
 """
 
 from pyinfra import host
-from pyinfra.api import StringCommand, operation
-from pyinfra.api.command import QuoteString
+from pyinfra.api import operation
+from pyinfra.operations import files
 
 from facts.cuda_libs import CUDA_LIB64, LIBS, CpmKernelsLookup, Lib64Links
 from facts.gpu import DriverLibraries, KernelModule
@@ -42,14 +42,13 @@ def expose(plan: dict):
     links = host.get_fact(Lib64Links)
     changed = False
     if links.get("cuda", {}).get("target") != driver_lib:
-        yield StringCommand("mkdir", "-p", CUDA_LIB64)
-        yield StringCommand("ln", "-sfn", QuoteString(driver_lib), f"{CUDA_LIB64}/libcuda.so")
+        yield from files.link._inner(path=f"{CUDA_LIB64}/libcuda.so", target=driver_lib,
+                                     create_remote_dir=True)
         changed = True
     for name in LIBS[1:]:
         info = links.get(name, {})
         if not info.get("target") and info.get("versioned"):
-            yield StringCommand("ln", "-sfn", QuoteString(info["versioned"]),
-                                f"{CUDA_LIB64}/lib{name}.so")
+            yield from files.link._inner(path=f"{CUDA_LIB64}/lib{name}.so", target=info["versioned"])
             changed = True
     if not changed:
         host.noop(f"{CUDA_LIB64}/libcuda.so -> {driver_lib}; toolkit libraries in place")

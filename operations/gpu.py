@@ -6,6 +6,8 @@ driver, a module that Secure Boot will not load. Packages come from NVIDIA's CUD
 apt repo (cuda-keyring), are pinned to the resolved versions and held.
 """
 
+from io import StringIO
+
 from pyinfra import host
 from pyinfra.api import StringCommand, operation
 from pyinfra.api.command import QuoteString
@@ -118,13 +120,9 @@ def cuda_repo(plan: dict, s: Settings):
     if host.get_fact(LegacyCudaKey):
         yield f"apt-key del {LEGACY_KEY}"
     if keyring_missing:
-        yield StringCommand("curl", "-fsSL", "-o", "/tmp/cuda-keyring.deb",
-                            QuoteString(f"{base}/cuda-keyring_1.1-1_all.deb"))
-        yield "dpkg -i /tmp/cuda-keyring.deb && rm -f /tmp/cuda-keyring.deb"
+        yield from apt.deb._inner(src=f"{base}/cuda-keyring_1.1-1_all.deb")
     # Written by us as well, so a mirror URL wins over the one inside the keyring .deb.
     line = (f"deb [signed-by=/usr/share/keyrings/cuda-archive-keyring.gpg] {base}/ /\n")
-    from io import StringIO
-
     put = files.put._inner(src=StringIO(line), mode="644",
                            dest=f"/etc/apt/sources.list.d/cuda-{plan['repo_distro']}-x86_64.list")
     changed = False
@@ -132,7 +130,7 @@ def cuda_repo(plan: dict, s: Settings):
         changed = True
         yield command
     if changed or keyring_missing or lists_missing:
-        yield "apt-get update -qq"
+        yield from apt.update._inner()
 
 
 @operation()
@@ -142,8 +140,6 @@ def nouveau(allow_reboot: bool):
 
     + allow_reboot: whether a reboot may follow (only noted here: the driver step reboots)
     """
-    from io import StringIO
-
     text = "# Written by chatglm-deploy: the NVIDIA driver needs the GPU.\nblacklist nouveau\noptions nouveau modeset=0\n"
     changed = False
     for command in files.put._inner(src=StringIO(text), dest="/etc/modprobe.d/blacklist-nouveau.conf",
