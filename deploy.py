@@ -65,7 +65,7 @@ if stages:
     os_ident = system.check_supported()
     # GPU detection and the resolver run for every host before any change.
     plan = gpu.gpu_plan(s, os_ident)
-    gpu.report_plan(name="GPU: detect and resolve the stack", plan=plan)
+    gpu.report_plan(name="GPU: detect and resolve the stack", summary=plan.summary())
 
 if "model" in stages:
     # A host short of memory or disk for its variant fails here, before anything is installed.
@@ -80,8 +80,8 @@ py = pyplan.python_plan(s, plan) if "python" in stages else None  # checked befo
 preflight.check_sources(host.name, s, src if "model" in stages else None, py)
 
 if "model" in stages:
-    model.check_resources(name="Model: disk space", s=s, variant=variant,
-                          model_dir=s.model_dir(variant))
+    model.check_resources(name="Model: disk space", variant=variant, model_dir=s.model_dir(variant),
+                          weights_mode=s.weights_mode, weights_cache=s.weights_cache)
 
 serving = "serve" in stages and "model" in stages  # settings_for refuses serve without model
 if serving:
@@ -91,30 +91,36 @@ if serving:
 if "system" in stages:
     system.base_packages(name="System: base packages")
 
-if "gpu" in stages and plan["gpu"]:
-    gpu.secure_boot(name="GPU: Secure Boot check", plan=plan,
+if "gpu" in stages and plan.gpu:
+    stack = dict(keep_driver=plan.keep_driver, driver_branch=plan.driver_branch, cuda=plan.cuda,
+                 cudnn=plan.cudnn)
+    gpu.secure_boot(name="GPU: Secure Boot check", keep_driver=plan.keep_driver,
                     module_signed=s.secure_boot_module_signed)
-    gpu.cuda_repo(name="GPU: NVIDIA CUDA apt repo", plan=plan, s=s)
-    if not plan["keep_driver"]:
-        gpu.nouveau(name="GPU: blacklist nouveau", allow_reboot=s.allow_reboot)
-    gpu.packages(name="GPU: driver, CUDA toolkit, cuDNN", plan=plan, s=s)
-    gpu.hold(name="GPU: hold the driver, toolkit and cuDNN packages", plan=plan)
-    gpu.cuda_link(name="GPU: /usr/local/cuda -> planned toolkit", plan=plan)
-    gpu.module(name="GPU: kernel module matches driver libraries", plan=plan,
-               allow_reboot=s.allow_reboot)
+    gpu.cuda_repo(name="GPU: NVIDIA CUDA apt repo", repo_distro=plan.repo_distro,
+                  cuda_repo_url=s.cuda_repo_url, **stack)
+    if not plan.keep_driver:
+        gpu.nouveau(name="GPU: blacklist nouveau")
+    gpu.packages(name="GPU: driver, CUDA toolkit, cuDNN", installed_driver=plan.installed_driver,
+                 kernel_headers=s.kernel_headers, **stack)
+    gpu.hold(name="GPU: hold the driver, toolkit and cuDNN packages", **stack)
+    gpu.cuda_link(name="GPU: /usr/local/cuda -> planned toolkit", cuda=plan.cuda)
+    gpu.module(name="GPU: kernel module matches driver libraries", allow_reboot=s.allow_reboot)
 
 env_ops = []  # Python env operations: a change restarts the server (serve stage)
 if py:
-    if py["backend"] == "conda":
-        pyenv.conda(name="Python: conda installed (sha256-checked), .condarc", py=py)
+    if py.conda:
+        c = py.conda
+        pyenv.conda(name="Python: conda installed (sha256-checked), .condarc", install_dir=py.install_dir,
+                    prefix=c.prefix, url=c.url, sha256=c.sha256, file=c.file, channels=c.channels,
+                    mirror=c.mirror)
     pyenv.env(name="Python: env with the planned Python, pip.conf", py=py)
     env_ops.append(pyenv.packages(name="Python: torch for the resolved CUDA and the pinned requirements", py=py))
     pyenv.verify(name="Python: verify torch/transformers/cpm_kernels", py=py)
 
-if "cuda_libs" in stages and plan["gpu"]:
-    cuda_libs.expose(name="CUDA libs: link where cpm_kernels looks", plan=plan)
+if "cuda_libs" in stages and plan.gpu:
+    cuda_libs.expose(name="CUDA libs: link where cpm_kernels looks")
     cuda_libs.check(name="CUDA libs: cpm_kernels' own lookup",
-                    python=py["python"] if py else s.python)
+                    python=py.python if py else s.python)
 
 if "model" in stages:
     model_dir = s.model_dir(variant)
@@ -139,14 +145,16 @@ if "model" in stages:
                                               model_dir=model_dir, caps=caps))
 
     if "smoke" in stages and s.smoke_test:
-        device = "cuda" if plan["gpu"] else "cpu"
-        smoke.run(name="Smoke: chat test", s=s, variant=variant, model_dir=model_dir,
+        device = "cuda" if plan.gpu else "cpu"
+        smoke.run(name="Smoke: chat test", install_dir=s.install_dir, python=f"{s.venv}/bin/python",
+                  requirements=s.requirements, max_new_tokens=s.smoke_max_new_tokens,
+                  variant=variant, model_dir=model_dir,
                   revision=src["model_revision"], device=device)
-        smoke.fetch(name="Smoke: fetch result", s=s,
+        smoke.fetch(name="Smoke: fetch result", install_dir=s.install_dir,
                     local_dir=str(state.chatglm_report.report_dir / "hosts"))
 
     if serving:
-        device = "cuda" if plan["gpu"] else "cpu"
+        device = "cuda" if plan.gpu else "cpu"
         where = dict(variant=variant, model_dir=model_dir, revision=src["model_revision"], device=device)
         serve.install(name="Serve: user and server code", s=s)
         serve.config(name="Serve: config", s=s, **where)

@@ -19,12 +19,10 @@ from .common import fail
 from .resolver import version_tuple
 
 @operation()
-def expose(plan: dict):
+def expose():
     """
-    Link the driver's libcuda.so.1 and the toolkit's unversioned libraries into
-    /usr/local/cuda/lib64, where cpm_kernels looks first.
-
-    + plan: the resolver's result for this host
+    Link the driver's libcuda.so.1 (the loaded module's version) and the toolkit's
+    unversioned libraries into /usr/local/cuda/lib64, where cpm_kernels looks first.
     """
     libs = host.get_fact(DriverLibraries)
     loaded = host.get_fact(KernelModule)

@@ -6,6 +6,7 @@ driver, a module that Secure Boot will not load. Packages come from NVIDIA's CUD
 apt repo (cuda-keyring), are pinned to the resolved versions and held.
 """
 
+import dataclasses
 from io import StringIO
 
 from pyinfra import host
@@ -18,10 +19,10 @@ from facts.gpu import (AptHolds, AptKnowsRepo, CudaToolkits, DriverLibraries, Ke
                        LEGACY_KEY, LegacyCudaKey, NvidiaPciDevices, NvidiaSmi, SecureBoot)
 
 from .common import fail
-from .resolver import resolve, version_tuple
+from .resolver import GpuPlan, resolve, version_tuple
 from .settings import SettingError, Settings, load_toml
 
-def gpu_plan(s: Settings, os_ident: str) -> dict:
+def gpu_plan(s: Settings, os_ident: str) -> GpuPlan:
     """Detect this host's GPUs and resolve its stack; raises SettingError if impossible."""
     pci = host.get_fact(NvidiaPciDevices)
     smi = host.get_fact(NvidiaSmi)
@@ -44,36 +45,30 @@ def gpu_plan(s: Settings, os_ident: str) -> dict:
     installed = smi["driver"] or next((lib["version"] for lib in libs if lib["version"]), "")
     pins = {"cuda_version": s.cuda_version, "driver_branch": s.driver_branch, "cudnn": s.cudnn}
     plan = resolve(host.name, gpus, os_ident, pins, installed_driver=installed)
-    plan.update(gpus=gpus, smi_error=smi["error"], installed_driver=installed)
-    return plan
+    return dataclasses.replace(plan, gpus=gpus, smi_error=smi["error"], installed_driver=installed)
 
 
 @operation(is_idempotent=False)
-def report_plan(plan: dict):
+def report_plan(summary: str):
     """
     Show the resolved GPU stack in the run output; changes nothing.
 
-    + plan: the resolver's result for this host
+    + summary: the plan in one line (GpuPlan.summary)
     """
-    if not plan["gpu"]:
-        host.noop("no NVIDIA GPU found: CPU-only host, GPU stack skipped, torch build 'cpu'")
-    else:
-        host.noop(f"GPU {plan['gpus'][0]['name']}: CUDA {plan['cuda']}, driver branch "
-                  f"{plan['driver_branch']}{' (kept)' if plan['keep_driver'] else ''}, "
-                  f"{plan['cudnn']}, torch {plan['torch_tag']}")
+    host.noop(summary)
     return
     yield
 
 
 @operation(is_idempotent=False)
-def secure_boot(plan: dict, module_signed: bool):
+def secure_boot(keep_driver: bool, module_signed: bool):
     """
     Stop before installing a driver whose unsigned module Secure Boot would refuse.
 
-    + plan: the resolver's result for this host
+    + keep_driver: the installed driver stays (nothing is built)
     + module_signed: the inventory says a MOK is enrolled and DKMS signs the module
     """
-    if plan["keep_driver"] or module_signed:
+    if keep_driver or module_signed:
         host.noop("Secure Boot is no obstacle: the driver is kept or its module is signed")
         return
     if host.get_fact(SecureBoot):
@@ -87,15 +82,14 @@ def secure_boot(plan: dict, module_signed: bool):
     yield
 
 
-def _packages_needed(plan: dict, s: Settings) -> list[str]:
+def _packages_needed(keep_driver: bool, driver_branch: str, cuda: str, cudnn: str) -> list[str]:
     installed = host.get_fact(DebPackages)
     toolkits = host.get_fact(CudaToolkits)["installed"]
     needed = []
-    if not plan["keep_driver"]:
-        needed.append(f"cuda-drivers-{plan['driver_branch']}")
-    if plan["cuda"] not in toolkits:
-        needed.append(f"cuda-toolkit-{plan['cuda'].replace('.', '-')}")
-    cudnn = plan["cudnn"]
+    if not keep_driver:
+        needed.append(f"cuda-drivers-{driver_branch}")
+    if cuda not in toolkits:
+        needed.append(f"cuda-toolkit-{cuda.replace('.', '-')}")
     name, _, version = cudnn.partition("=")
     if cudnn != "none" and (name not in installed or (version and version not in installed[name])):
         needed.append(cudnn)
@@ -103,17 +97,19 @@ def _packages_needed(plan: dict, s: Settings) -> list[str]:
 
 
 @operation()
-def cuda_repo(plan: dict, s: Settings):
+def cuda_repo(repo_distro: str, cuda_repo_url: str, keep_driver: bool, driver_branch: str,
+              cuda: str, cudnn: str):
     """
     Set up NVIDIA's CUDA apt repo through cuda-keyring, when a package must come from it.
 
-    + plan: the resolver's result (repo_distro)
-    + s: the host's settings (cuda_repo_url: NVIDIA's URL or a mirror of it)
+    + repo_distro: NVIDIA's directory for the OS, e.g. ubuntu2404
+    + cuda_repo_url: NVIDIA's URL or a mirror of it
+    + keep_driver, driver_branch, cuda, cudnn: the planned stack (what may be missing)
     """
-    if not _packages_needed(plan, s):
+    if not _packages_needed(keep_driver, driver_branch, cuda, cudnn):
         host.noop("driver, toolkit and cuDNN are in place: the CUDA repo is not needed")
         return
-    base = f"{s.cuda_repo_url.rstrip('/')}/{plan['repo_distro']}/x86_64"
+    base = f"{cuda_repo_url.rstrip('/')}/{repo_distro}/x86_64"
     # Read before anything runs: pyinfra executes each yielded command before resuming here.
     keyring_missing = "cuda-keyring" not in host.get_fact(DebPackages)
     lists_missing = not host.get_fact(AptKnowsRepo, url=base)
@@ -124,7 +120,7 @@ def cuda_repo(plan: dict, s: Settings):
     # Written by us as well, so a mirror URL wins over the one inside the keyring .deb.
     line = (f"deb [signed-by=/usr/share/keyrings/cuda-archive-keyring.gpg] {base}/ /\n")
     put = files.put._inner(src=StringIO(line), mode="644",
-                           dest=f"/etc/apt/sources.list.d/cuda-{plan['repo_distro']}-x86_64.list")
+                           dest=f"/etc/apt/sources.list.d/cuda-{repo_distro}-x86_64.list")
     changed = False
     for command in put:
         changed = True
@@ -134,11 +130,10 @@ def cuda_repo(plan: dict, s: Settings):
 
 
 @operation()
-def nouveau(allow_reboot: bool):
+def nouveau():
     """
-    Blacklist nouveau so the NVIDIA module can bind, and rebuild the initramfs.
-
-    + allow_reboot: whether a reboot may follow (only noted here: the driver step reboots)
+    Blacklist nouveau so the NVIDIA module can bind, and rebuild the initramfs (gpu.module
+    reboots when the host must).
     """
     text = "# Written by chatglm-deploy: the NVIDIA driver needs the GPU.\nblacklist nouveau\noptions nouveau modeset=0\n"
     changed = False
@@ -153,16 +148,21 @@ def nouveau(allow_reboot: bool):
 
 
 @operation()
-def packages(plan: dict, s: Settings):
+def packages(keep_driver: bool, driver_branch: str, cuda: str, cudnn: str,
+             installed_driver: str = "", kernel_headers: bool = True):
     """
     Install the resolved driver branch, CUDA toolkit and cuDNN; never downgrade or
     replace a driver that already satisfies the toolkit (gpu.hold pins them after).
 
-    + plan: the resolver's result for this host
-    + s: the host's settings (kernel_headers)
+    + keep_driver: the installed driver satisfies the toolkit and stays
+    + driver_branch: the driver branch to install (or the kept one's)
+    + cuda: the toolkit version, e.g. 12.4
+    + cudnn: the cuDNN package (name or name=version), none for none
+    + installed_driver: the installed driver's version (for the message)
+    + kernel_headers: install the running kernel's headers for DKMS first
     """
-    needed = _packages_needed(plan, s)
-    if needed and not plan["keep_driver"] and s.kernel_headers:
+    needed = _packages_needed(keep_driver, driver_branch, cuda, cudnn)
+    if needed and not keep_driver and kernel_headers:
         # DKMS builds the module against the running kernel's headers.
         yield ("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "
                "\"linux-headers-$(uname -r)\" "
@@ -171,23 +171,25 @@ def packages(plan: dict, s: Settings):
     if needed:
         yield from apt.packages._inner(packages=needed, no_recommends=True)
     if not needed:
-        host.noop(f"driver {plan['installed_driver'] or plan['driver_branch']}, CUDA {plan['cuda']} "
-                  f"and {plan['cudnn']} are installed")
+        host.noop(f"driver {installed_driver or driver_branch}, CUDA {cuda} and {cudnn} are installed")
 
 
 @operation()
-def hold(plan: dict):
+def hold(keep_driver: bool, driver_branch: str, cuda: str, cudnn: str):
     """
     Hold the planned driver, toolkit and cuDNN packages so upgrades cannot move them.
 
-    + plan: the resolver's result for this host
+    + keep_driver: the driver was kept, not installed (not held)
+    + driver_branch: the installed driver branch
+    + cuda: the toolkit version
+    + cudnn: the cuDNN package (name or name=version), none for none
     """
     # NVIDIA's Debian repos name the driver package without its branch.
-    holds = [f"nvidia-driver-{plan['driver_branch']}", "nvidia-driver",
-             f"cuda-drivers-{plan['driver_branch']}"] if not plan["keep_driver"] else []
-    holds.append(f"cuda-toolkit-{plan['cuda'].replace('.', '-')}")
-    if plan["cudnn"] != "none":
-        holds.append(plan["cudnn"].split("=")[0])
+    holds = [f"nvidia-driver-{driver_branch}", "nvidia-driver",
+             f"cuda-drivers-{driver_branch}"] if not keep_driver else []
+    holds.append(f"cuda-toolkit-{cuda.replace('.', '-')}")
+    if cudnn != "none":
+        holds.append(cudnn.split("=")[0])
     installed = host.get_fact(DebPackages)
     held = host.get_fact(AptHolds)
     # Only names dpkg knows: apt-mark fails on unknown ones (NVIDIA's Debian repos name the
@@ -200,14 +202,14 @@ def hold(plan: dict):
 
 
 @operation()
-def cuda_link(plan: dict):
+def cuda_link(cuda: str):
     """
     Point /usr/local/cuda at the planned toolkit.
 
-    + plan: the resolver's result (cuda)
+    + cuda: the toolkit version, e.g. 12.4
     """
     toolkits = host.get_fact(CudaToolkits)
-    target = toolkits["installed"].get(plan["cuda"], f"/usr/local/cuda-{plan['cuda']}")
+    target = toolkits["installed"].get(cuda, f"/usr/local/cuda-{cuda}")
     if toolkits["current"] == target:
         host.noop(f"/usr/local/cuda -> {target}")
         return
@@ -215,12 +217,11 @@ def cuda_link(plan: dict):
 
 
 @operation(is_idempotent=False)
-def module(plan: dict, allow_reboot: bool):
+def module(allow_reboot: bool):
     """
     Check that the loaded kernel module matches the driver libraries; cure a mismatch by
     rebooting when allowed, else fail the host with the exact fix.
 
-    + plan: the resolver's result for this host
     + allow_reboot: the inventory lets the deploy reboot this host
     """
     if not host.state.is_executing:

@@ -19,6 +19,7 @@ from pyinfra.operations import files
 from facts.kernel import KernelState
 
 from .common import fail, text_of
+from .resolver import GpuPlan
 from .settings import DATA, load_toml
 
 SOURCE = DATA / "kernels" / "quantization_kernels.cu"
@@ -26,12 +27,12 @@ BLOB_LINE = 'quantization_code = "'
 MARK = "# chatglm-deploy: GPU kernels built on this host"
 
 
-def needs_own_kernels(plan: dict) -> list[str]:
+def needs_own_kernels(plan: GpuPlan) -> list[str]:
     """Compute capabilities of this host's GPUs that upstream's blob cannot run on."""
-    if not plan.get("gpu"):
+    if not plan.gpu:
         return []
     covered = load_toml("compat.toml")["upstream_kernels"]["sass"]
-    return sorted({g["compute_cap"] for g in plan["gpus"] if g["compute_cap"] not in covered})
+    return sorted({g["compute_cap"] for g in plan.gpus if g["compute_cap"] not in covered})
 
 
 def fatbin_path(model_dir: str, caps: list[str]) -> str:

@@ -24,6 +24,7 @@ from facts.system import FreeDiskBytes
 
 from . import hostlock
 from .common import fail
+from .resolver import GpuPlan
 from .settings import ROOT, SettingError, Settings, is_commit, load_toml
 
 FETCH = ROOT / "runtime" / "fetch.py"  # the downloader, run on hosts as it is
@@ -147,7 +148,7 @@ def _free_probe(path: Path) -> Path:
     return path
 
 
-def check_memory(s: Settings, variant: str, plan: dict, ram_bytes: int) -> None:
+def check_memory(s: Settings, variant: str, plan: GpuPlan, ram_bytes: int) -> None:
     """Raise SettingError, while operations are collected, when the host's first GPU (or its
     RAM on a CPU-only host) is smaller than the variant needs (data/models.toml, from the
     ChatGLM-6B README): the inventory asks for what cannot run, so no host is touched."""
@@ -155,8 +156,8 @@ def check_memory(s: Settings, variant: str, plan: dict, ram_bytes: int) -> None:
         return
     need = load_toml("models.toml")["variants"][variant]
     setting = "variant" if s.variant != "auto" else "variant (auto)"
-    if plan["gpu"]:
-        gpu = plan["gpus"][0]
+    if plan.gpu:
+        gpu = plan.gpus[0]
         have = mib_to_gb(gpu["memory_mib"])
         if have >= need["gpu_mem_gb"]:
             return
@@ -180,16 +181,17 @@ def check_memory(s: Settings, variant: str, plan: dict, ram_bytes: int) -> None:
 
 
 @operation()
-def check_resources(s: Settings, variant: str, model_dir: str):
+def check_resources(variant: str, model_dir: str, weights_mode: str = "control",
+                    weights_cache: str = ""):
     """
     Fail the host, before anything is downloaded, when it lacks the disk space the variant's
     weights need (figures in data/models.toml until the LFS pointers give exact sizes).
     Memory is checked earlier, by check_memory, while operations are collected.
 
-    + s: the host's settings (weights_mode, weights_cache)
     + variant: fp16, int8 or int4
     + model_dir: the model checkout; once cloned its LFS pointers give the exact sizes
-    + ram_bytes: the host's RAM when deploy.py read it already (0: read it here)
+    + weights_mode: control, direct or mirror (control: the control cache needs room too)
+    + weights_cache: the control-side cache directory (weights_mode control)
     """
     need = load_toml("models.toml")["variants"][variant]
     problems, fixes = [], []
@@ -205,8 +207,8 @@ def check_resources(s: Settings, variant: str, model_dir: str):
         problems.append(f"the weights need {weights / GB:.2f} GB ({basis}) under {model_dir}, "
                         f"{free / GB:.2f} GB are free")
         fixes.append("free space there or set install_dir to a larger filesystem")
-    if s.weights_mode == "control" and weights:
-        cache = Path(s.weights_cache).expanduser()
+    if weights_mode == "control" and weights:
+        cache = Path(weights_cache).expanduser()
         blobs = cache / "blobs"
         cached = 0 if todo is None else sum(
             size for oid, size in todo.items() if (blobs / oid).is_file()
@@ -387,12 +389,12 @@ def _run_shown(state, host, command: StringCommand) -> bool:
     return ok
 
 
-def auto_variant(plan: dict, ram_bytes: int) -> str:
+def auto_variant(plan: GpuPlan, ram_bytes: int) -> str:
     """The largest variant the host's first GPU holds (thresholds in data/models.toml);
     int4 on CPU-only hosts, the only variant meant for CPU inference."""
-    if not plan["gpu"]:
+    if not plan.gpu:
         return "int4"
-    mem_gb = mib_to_gb(plan["gpus"][0]["memory_mib"])
+    mem_gb = mib_to_gb(plan.gpus[0]["memory_mib"])
     variants = load_toml("models.toml")["variants"]
     for name in ("fp16", "int8", "int4"):
         if mem_gb >= variants[name]["gpu_mem_gb"]:

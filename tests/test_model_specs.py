@@ -18,6 +18,7 @@ import pytest
 from pyinfra.api.command import FileUploadCommand
 
 from operations import kernel, model
+from operations.resolver import GpuPlan
 from operations.settings import SettingError, mirror_url, settings_for, source_for
 from tests import quantization_variants
 from tests.spec_harness import FakeDataHost, FakeHost, run_op
@@ -30,7 +31,7 @@ URL = "git://git.example/THUDM/chatglm-6b-int4"
 D = "/opt/chatglm/models/chatglm-6b-int4"
 OID = "1" * 64
 SHARE = "https://cloud.example/d/674208019e314311ab5c/"
-CPU = {"gpu": False, "gpus": []}
+CPU = GpuPlan()
 GB = 10 ** 9
 
 
@@ -195,7 +196,7 @@ def test_mirror_url():
 @pytest.mark.parametrize("mib, variant", [(81559, "fp16"), (16384, "fp16"), (12288, "int8"),
                                           (10240, "int8"), (8192, "int4"), (4096, "int4")])
 def test_auto_variant_by_gpu_memory(mib, variant):
-    plan = {"gpu": True, "gpus": [{"name": "x", "memory_mib": mib}]}
+    plan = GpuPlan(gpu=True, gpus=[{"name": "x", "memory_mib": mib}])
     assert model.auto_variant(plan, 0) == variant
 
 
@@ -205,7 +206,9 @@ def test_auto_variant_cpu_is_int4():
 
 def resources(variant="int4", free=100 * GB, files=None, executing=True, **data):
     facts = {f"model.LfsFiles(path={D})": files or {}, f"system.FreeDiskBytes(path={D})": free}
-    return run(model.check_resources, facts, executing=executing, s=settings(**data),
+    s = settings(**data)
+    return run(model.check_resources, facts, executing=executing, weights_mode=s.weights_mode,
+               weights_cache=s.weights_cache,
                variant=variant, model_dir=D)
 
 
@@ -224,20 +227,20 @@ def test_resources_suffice(tmp_path):
 
 
 def test_too_little_gpu_memory_stops_the_run_at_collection():
-    plan = {"gpu": True, "gpus": [{"name": "Tesla T4", "memory_mib": 15360}]}
+    plan = GpuPlan(gpu=True, gpus=[{"name": "Tesla T4", "memory_mib": 15360}])
     assert memory_error("int8", plan) == memory_error("fp16", plan) == ""
-    plan["gpus"][0]["memory_mib"] = 8192
+    plan.gpus[0]["memory_mib"] = 8192
     message = memory_error("int8", plan, variant="int8")
     assert message.startswith(f"host '{HOST}': setting 'variant' = 'int8' needs 10 GB of GPU "
                               "memory, GPU 0 (Tesla T4) has 8.6 GB. Fix: set variant to a smaller")
     # auto picked int4 and even that does not fit: the setting named is still variant.
-    plan["gpus"][0]["memory_mib"] = 4096
+    plan.gpus[0]["memory_mib"] = 4096
     assert "setting 'variant (auto)' = 'int4' needs 6 GB" in memory_error("int4", plan)
     assert memory_error("int8", plan, check_memory=False) == ""
 
 
 def test_unknown_gpu_memory_asks_for_gpu_memory_mib():
-    plan = {"gpu": True, "gpus": [{"name": "NVIDIA device 0x1f99", "memory_mib": 0}]}
+    plan = GpuPlan(gpu=True, gpus=[{"name": "NVIDIA device 0x1f99", "memory_mib": 0}])
     message = memory_error("int4", plan)
     assert "has 0.0 GB" in message and "set gpu_memory_mib for this host" in message
 

@@ -2,6 +2,7 @@
 rendered script run for real on a fixture model, the report from results and failures,
 and the callback that finds a failed host's stage and error in pyinfra's state."""
 
+import functools
 import json
 import os
 import shutil
@@ -115,7 +116,8 @@ def test_model_files_fact_changes_when_a_model_file_changes(tmp_path):
                              text=True)
     assert fact.process(missing.stdout.splitlines()) == ""
     s = Settings(host="h")
-    assert smoke.smoke_key(s, "int4", "a" * 40, "cpu", "x") != smoke.smoke_key(s, "int4", "a" * 40, "cpu", "y")
+    key = functools.partial(smoke.smoke_key, s.requirements, s.smoke_max_new_tokens, "int4", "a" * 40, "cpu")
+    assert key("x") != key("y")
 
 
 def test_error_text_prefers_error_lines_then_output_then_logs():
