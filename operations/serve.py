@@ -46,10 +46,6 @@ def check_settings(s: Settings) -> None:
     """The serve settings of one host, checked before any host is touched (settings_for)."""
     if "serve" not in s.stage_list:
         return
-    if "model" not in s.stage_list:
-        raise SettingError(s.host, "stages", f"= {s.stages!r} runs 'serve' without 'model'",
-                           "add 'model' to stages: the serve stage serves the model that stage "
-                           "resolves and checks (a converged model stage changes nothing)")
     try:
         address = ipaddress.ip_address(s.serve_host)
     except ValueError:

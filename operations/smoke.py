@@ -94,7 +94,7 @@ def fetch(install_dir: str, local_dir: str):
     Path(local_dir).mkdir(parents=True, exist_ok=True)
     src, dest = f"{install_dir}/smoke/result.json", Path(local_dir) / f"{host.name}.json"
     remote = host.get_fact(Sha1File, path=src)
-    report = getattr(host.state, "chatglm_report", None)
+    report = getattr(getattr(host.state, "chatglm", None), "report", None)
     if host.state.is_executing and report is not None:
         # The file is this host's result once this operation is through (a failed download
         # fails the host, whose row then shows only what this run printed).

@@ -39,7 +39,8 @@ from pyinfra.context import ctx_host, ctx_state
 
 from operations import common, cuda_libs, gpu
 from operations.resolver import GpuPlan, resolve
-from operations.settings import SettingError, settings_for
+from operations.checks import settings_for
+from operations.settings import SettingError
 from tests.spec_harness import FakeDataHost, FakeHost, check_spec, run_op
 
 SPECS = Path(__file__).resolve().parent / "specs" / "gpu"

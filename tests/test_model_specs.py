@@ -19,7 +19,8 @@ from pyinfra.api.command import FileUploadCommand
 
 from operations import kernel, model
 from operations.resolver import GpuPlan
-from operations.settings import SettingError, mirror_url, settings_for, source_for
+from operations.checks import settings_for
+from operations.settings import SettingError, mirror_url, source_for
 from tests import quantization_variants
 from tests.spec_harness import FakeDataHost, FakeHost, run_op
 from tests.spec_harness import render as render_spec
@@ -69,7 +70,7 @@ def lfs(actual=-1, verified="-", size=1000, oid=OID):
 
 def test_clone_fresh_checks_out_the_pin_without_smudge():
     commands, fake = run(model.clone, {f"model.GitHead(path={D})": ""}, url=URL, dest=D, revision=C1)
-    run_id = fake.state.chatglm_run["run"]
+    run_id = fake.state.chatglm.info["run"]
     # What stands at dest first: an empty directory goes, a clone cut short is moved aside,
     # anything else fails the host, named; then the leftovers of earlier runs' clones.
     assert f"rmdir {D};" in commands[0] and f"mv -T {D} {D}.broken-{run_id}" in commands[0]

@@ -25,7 +25,7 @@ import pytest
 from operations import pyenv
 from operations.pyplan import PythonPlan, lock_path, python_plan, read_lock
 from operations.resolver import GpuPlan
-from operations.settings import settings_for
+from operations.checks import settings_for
 from tests.spec_harness import FakeDataHost, check_spec, run_op
 from tests.test_gpu_specs import HOST, build_plan
 

@@ -5,7 +5,8 @@ import pytest
 
 from operations.pyplan import lock_path, python_data, python_plan, read_lock, tag_cuda
 from operations.resolver import GpuPlan, resolve
-from operations.settings import SettingError, load_toml, settings_for
+from operations.checks import settings_for
+from operations.settings import SettingError, load_toml
 from tests.test_gpu_specs import GPUS, FakeDataHost
 
 HOST = "py-test"

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from operations.resolver import GpuPlan, os_key, resolve, version_tuple
-from operations.settings import STAGES, SettingError, load_toml, settings_for, source_for
+from operations.checks import settings_for
+from operations.settings import STAGES, SettingError, load_toml, source_for
 
 HOST = "gpu-node-7"
 H100 = {"name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559, "compute_cap": "9.0"}
@@ -341,6 +342,14 @@ def test_good_mirror_urls_pass():
 def test_unknown_stage():
     message = error_of(settings_for, host_with(stages="gpu,modle"))
     assert_names(message, "stages", "modle", "cuda_libs")
+
+
+@pytest.mark.parametrize("stage", ["kernel", "smoke", "serve"])
+def test_a_stage_on_the_model_checkout_alone_says_it_needs_model(stage):
+    """Selected without the model stage it would do nothing: the run stops instead."""
+    message = error_of(settings_for, host_with(stages=f"gpu,{stage}"))
+    assert_names(message, "stages", f"runs '{stage}' without 'model'", "add 'model' to stages")
+    assert settings_for(host_with(stages=f"model,{stage}")).stage_list == ["model", stage]
 
 
 @pytest.mark.parametrize("stages", ["", " ", ",", " , "])

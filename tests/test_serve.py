@@ -8,7 +8,8 @@ import pytest
 
 from facts import serve as serve_facts
 from operations import serve
-from operations.settings import SettingError, Settings, settings_for
+from operations.checks import settings_for
+from operations.settings import SettingError, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
