@@ -9,7 +9,6 @@ from pyinfra.api import FactBase
 from operations.settings import VERIFIED
 
 
-STAMPS = VERIFIED  # per weight file: the sha256 it was checked against
 
 
 def _read_head(git_dir: str) -> str:
@@ -58,7 +57,7 @@ class LfsFiles(FactBase):
         return (
             f"{{ cd {shlex.quote(path)} 2>/dev/null || exit 0; "
             + _read_head(".git") +
-            f"case $head in {NOT_A_COMMIT}) index=;; *) index={STAMPS}/.pointers-$head;; esac; "
+            f"case $head in {NOT_A_COMMIT}) index=;; *) index={VERIFIED}/.pointers-$head;; esac; "
             "if [ -n \"$index\" ] && [ -f \"$index\" ]; then "
             "while read -r oid size f; do printf '%s\\n' \"$oid $size $f\"; done < \"$index\"; "
             "else "
@@ -75,7 +74,7 @@ class LfsFiles(FactBase):
             f"fi; }} | {{ cd {shlex.quote(path)} 2>/dev/null || exit 0; set --; "
             "while read -r oid size f; do printf 'P %s\\n' \"$oid $size $f\"; set -- \"$@\" \"$f\"; done; "
             "[ $# -gt 0 ] && stat -c 'S %s %n' -- \"$@\" 2>/dev/null; "
-            f"for f in \"$@\"; do v=; {{ read -r v < \"{STAMPS}/$f\"; }} 2>/dev/null; "
+            f"for f in \"$@\"; do v=; {{ read -r v < \"{VERIFIED}/$f\"; }} 2>/dev/null; "
             "printf 'V %s\\n' \"${v:--} $f\"; done; true; }"
         )
 
@@ -108,7 +107,7 @@ class PointerIndex(FactBase):
 
     def command(self, path):
         return (_read_head(f"{path}/.git") + f"case $head in {NOT_A_COMMIT}) ;; *) "
-                f"if [ -f {shlex.quote(f'{path}/{STAMPS}/.pointers-')}$head ]; then echo $head indexed; "
+                f"if [ -f {shlex.quote(f'{path}/{VERIFIED}/.pointers-')}$head ]; then echo $head indexed; "
                 "else echo $head; fi;; esac")
 
     @staticmethod

@@ -19,13 +19,13 @@ from pyinfra.api import (FileUploadCommand, FunctionCommand,
 from pyinfra.api.command import QuoteString
 from pyinfra.operations import files as files_ops
 
-from facts.model import STAMPS, GitHead, LfsFiles, PointerIndex, RemoteRefs
+from facts.model import GitHead, LfsFiles, PointerIndex, RemoteRefs
 from facts.system import FreeDiskBytes
 
 from . import hostlock
 from .common import fail
 from .resolver import GpuPlan
-from .settings import ROOT, SettingError, Settings, is_commit, load_toml
+from .settings import ROOT, VERIFIED, SettingError, Settings, is_commit, load_toml
 
 FETCH = ROOT / "runtime" / "fetch.py"  # the downloader, run on hosts as it is
 GB = 10 ** 9  # data/models.toml gives memory and disk in GB
@@ -123,7 +123,7 @@ def clone(url: str, dest: str, revision: str, allow_floating: bool = False):
                             "origin")
         yield StringCommand(env, "git", "-C", QuoteString(dest), "-c", "advice.detachedHead=false",
                             "checkout", "--quiet", "--force", "--detach", QuoteString(target))
-        yield StringCommand("rm", "-rf", QuoteString(f"{dest}/{STAMPS}"))
+        yield StringCommand("rm", "-rf", QuoteString(f"{dest}/{VERIFIED}"))
     yield _checkout_check(dest, target)
 
 
@@ -272,7 +272,7 @@ def fetch_to_cache(state, host, cache: Path, share: str, share_path: str, name: 
 def _put_in_place(model_dir: str, name: str, oid: str) -> StringCommand:
     """Check a file's sha256 on the host, then rename it over its pointer and stamp it."""
     partial, dest = shlex.quote(_partial(model_dir, name)), shlex.quote(f"{model_dir}/{name}")
-    stamp = shlex.quote(f"{model_dir}/{STAMPS}/{name}")
+    stamp = shlex.quote(f"{model_dir}/{VERIFIED}/{name}")
     return StringCommand("sh", "-c", QuoteString(
         f'echo "{oid}  "{partial} | sha256sum -c --quiet - >/dev/null 2>&1 '
         f"|| {{ rm -f {partial}; echo {shlex.quote(f'ERROR: {name}: sha256 differs from the LFS pointer after the upload; the pointer was left in place')} >&2; exit 1; }}; "
@@ -284,7 +284,7 @@ def _stamp_in_place(model_dir: str, names: dict) -> StringCommand:
     """Hash files already of the right size where they lie; stamp those that match."""
     lines = []
     for name, f in sorted(names.items()):
-        dest, stamp = shlex.quote(f"{model_dir}/{name}"), shlex.quote(f"{model_dir}/{STAMPS}/{name}")
+        dest, stamp = shlex.quote(f"{model_dir}/{name}"), shlex.quote(f"{model_dir}/{VERIFIED}/{name}")
         lines.append(f'if echo "{f["oid"]}  "{dest} | sha256sum -c --quiet - >/dev/null 2>&1; '
                      f'then mkdir -p "$(dirname {stamp})" && echo {f["oid"]} > {stamp}; fi')
     return StringCommand("sh", "-c", QuoteString("; ".join(lines) + "; true"))
@@ -293,9 +293,9 @@ def _stamp_in_place(model_dir: str, names: dict) -> StringCommand:
 def _index_pointers(model_dir: str, head: str, files: dict) -> StringCommand:
     """Keep the LFS pointers of commit head (oid, size, name per line) where LfsFiles reads
     them; written whole or not at all."""
-    index = f"{model_dir}/{STAMPS}/.pointers-{head}"
+    index = f"{model_dir}/{VERIFIED}/.pointers-{head}"
     lines = "".join(f"{f['oid']} {f['size']} {name}\n" for name, f in sorted(files.items()))
-    script = (f"mkdir -p {shlex.quote(f'{model_dir}/{STAMPS}')} && "
+    script = (f"mkdir -p {shlex.quote(f'{model_dir}/{VERIFIED}')} && "
               f"printf %s {shlex.quote(lines)} > {shlex.quote(index + '.tmp')} && "
               f"mv -f {shlex.quote(index + '.tmp')} {shlex.quote(index)}")
     return StringCommand("sh", "-c", QuoteString(script))
@@ -342,7 +342,7 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str, mirror: st
         yield fail(f"{model_dir}: {free / GB:.2f} GB free, the weights need {need / GB:.2f} GB; "
                    "free space there or set install_dir to a larger filesystem")
         return
-    yield StringCommand("mkdir", "-p", QuoteString(f"{model_dir}/{STAMPS}"))
+    yield StringCommand("mkdir", "-p", QuoteString(f"{model_dir}/{VERIFIED}"))
 
     # A file already of the right size (a lost stamp, a copy put there by hand) is hashed
     # where it lies rather than downloaded again.
@@ -369,7 +369,7 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str, mirror: st
     yield from files_ops.put._inner(src=StringIO(json.dumps({
         "mode": "mirror" if s.weights_mode == "mirror" else "seafile",
         "source": mirror if s.weights_mode == "mirror" else share, "folder": share_path,
-        "model_dir": model_dir, "stamps": STAMPS, "attempts": s.weights_attempts,
+        "model_dir": model_dir, "stamps": VERIFIED, "attempts": s.weights_attempts,
         "files": [{"name": n, "oid": f["oid"], "size": f["size"]} for n, f in sorted(todo.items())],
     }, indent=1) + "\n"), dest=job, mode="644")
     yield FunctionCommand(_run_shown, (StringCommand(QuoteString(s.python), QuoteString(script),

@@ -36,16 +36,6 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".") if p.isdigit())
 
 
-def os_key(distro: dict) -> str:
-    """'ubuntu-22.04' / 'debian-12' from pyinfra's LinuxDistribution fact."""
-    ident = (distro.get("release_meta") or {}).get("ID", distro.get("name", "")).lower()
-    major = distro.get("major")
-    minor = distro.get("minor")
-    if ident == "ubuntu":
-        return f"ubuntu-{major}.{minor:02d}" if minor is not None else f"ubuntu-{major}"
-    return f"{ident}-{major}"
-
-
 def resolve(host: str, gpus: list[dict], os_id: str, pins: dict,
             installed_driver: str = "") -> GpuPlan:
     """Plan the GPU stack for one host.

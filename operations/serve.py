@@ -29,12 +29,11 @@ from facts.serve import (CONFIG_DIR, FINGERPRINT, KEY, UNIT, UNIT_PATH, PortHold
                          ServeState)
 from facts.smoke import ModelFiles
 
-from .common import fail, render
+from .common import TEMPLATES, fail, render
 from .settings import DATA, ROOT, Settings, SettingError, load_toml
 
 CONFIG = f"{CONFIG_DIR}/server.toml"
 STATE_DIR = "/var/lib/chatglm"  # the service's only writable place (its home, HF module cache)
-TEMPLATES = ROOT / "templates"
 RUNTIME = ROOT / "runtime"
 BACKENDS = ("auto", "engine", "stream_chat")
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")

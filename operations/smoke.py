@@ -14,10 +14,10 @@ from pyinfra.operations import files
 
 from facts.smoke import SmokeState
 
-from .common import render
-from .settings import DATA, ROOT, load_toml
+from .common import TEMPLATES, render
+from .settings import DATA, load_toml
 
-TEMPLATE = ROOT / "templates" / "smoke_test.py.j2"
+TEMPLATE = TEMPLATES / "smoke_test.py.j2"
 
 
 @functools.lru_cache(maxsize=16)

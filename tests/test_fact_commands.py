@@ -15,6 +15,7 @@ import pytest
 
 from facts import gpu, kernel, model, smoke, system
 from operations import model as model_ops
+from operations.settings import VERIFIED
 
 
 def sh(command: str, **kwargs):
@@ -65,7 +66,7 @@ def test_git_head_detached_branch_and_none(lfs_repo, tmp_path):
 
 def test_lfs_files_from_git_and_from_the_index_agree(lfs_repo):
     repo, head = lfs_repo
-    D = model.STAMPS
+    D = VERIFIED
     (repo / "a.bin").write_bytes(b"A" * 10)  # downloaded and verified
     (repo / D).mkdir()
     (repo / D / "a.bin").write_text(hashlib.sha256(b"A" * 10).hexdigest() + "\n")

@@ -20,7 +20,7 @@ from pyinfra.api.command import FileUploadCommand
 from operations import kernel, model
 from operations.resolver import GpuPlan
 from operations.checks import settings_for
-from operations.settings import SettingError, mirror_url, source_for
+from operations.settings import VERIFIED, SettingError, mirror_url, source_for
 from tests import quantization_variants
 from tests.spec_harness import FakeDataHost, FakeHost, run_op
 from tests.spec_harness import render as render_spec
@@ -338,7 +338,7 @@ def test_weights_on_the_host(mode, kind, source):
     assert commands[1] == {"upload": script, "src": str(model.FETCH)}
     upload = [c for c in commands if isinstance(c, dict) and c.get("upload") == job][0]
     assert json.loads(upload["content"]) == {
-        "mode": kind, "source": source, "folder": "/chatglm-6b-int4/", "model_dir": D, "stamps": model.STAMPS, "attempts": 3,
+        "mode": kind, "source": source, "folder": "/chatglm-6b-int4/", "model_dir": D, "stamps": VERIFIED, "attempts": 3,
         "files": [{"name": "pytorch_model.bin", "oid": OID, "size": 1000}]}
     # Run so that its progress lines show as they come, at the default verbosity.
     assert commands[-1] == {"function": "_run_shown", "command": f"python3 {script} {job}"}

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from operations.resolver import GpuPlan, os_key, resolve, version_tuple
+from operations.resolver import GpuPlan, resolve, version_tuple
 from operations.checks import settings_for
 from operations.settings import STAGES, SettingError, load_toml, source_for
 
@@ -179,13 +179,9 @@ def test_cudnn_pin_wins():
     assert plan.cudnn == "libcudnn8=8.9.7.29-1+cuda12.2" and plan.torch_tag == "cu121"
 
 
-def test_version_tuple_and_os_key():
+def test_version_tuple():
     assert version_tuple("580.65.06") == (580, 65, 6)
     assert version_tuple("570.26") > version_tuple("570.133")[:1]
-    assert os_key({"name": "Ubuntu", "major": 22, "minor": 4,
-                   "release_meta": {"ID": "ubuntu"}}) == "ubuntu-22.04"
-    assert os_key({"name": "Debian", "major": 12, "minor": None,
-                   "release_meta": {"ID": "debian"}}) == "debian-12"
 
 
 # ---------------------------------------------------------------- data/compat.toml

@@ -9,7 +9,7 @@ import pytest
 from facts import serve as serve_facts
 from operations import serve
 from operations.checks import settings_for
-from operations.settings import SettingError, Settings
+from operations.settings import SettingError
 
 ROOT = Path(__file__).resolve().parent.parent
 
