@@ -8,7 +8,6 @@ nvcc for its architecture, and points quantization.py's blob at them.
 """
 
 import hashlib
-import shlex
 from io import StringIO
 
 from pyinfra import host
@@ -19,6 +18,7 @@ from pyinfra.operations import files
 from facts.kernel import KernelState
 
 from .common import fail, text_of
+from .kernel import install_built
 from .resolver import GpuPlan
 from .settings import DATA, load_toml
 
@@ -63,10 +63,7 @@ def build(model_dir: str, caps: list[str], nvcc: str = "/usr/local/cuda/bin/nvcc
         gencode += ["-gencode", f"arch=compute_{arch},code=[sm_{arch},compute_{arch}]"]
     yield StringCommand(nvcc, "-fatbin", "-O3", *gencode, QuoteString(source), "-o",
                         QuoteString(out + ".tmp"))
-    yield StringCommand("mv", "-f", QuoteString(out + ".tmp"), QuoteString(out))
-    yield StringCommand("sh", "-c", QuoteString(
-        f"sha256sum {shlex.quote(source)} | cut -d' ' -f1 > "
-        f"{shlex.quote(out + '.chatglm-kernel.sha256')}"))
+    yield from install_built(source, out)
 
 
 def patched(text: str, fatbin: str) -> str | None:

@@ -76,6 +76,12 @@ def build(model_dir: str, cpus: int = 0):
     # The flags of upstream's own compile, so the .so matches what quantize() would build.
     yield StringCommand("gcc", "-O3", "-fPIC", "-pthread", "-fopenmp", "-std=c99",
                         QuoteString(source), "-shared", "-o", QuoteString(built + ".tmp"))
+    yield from install_built(source, built)
+
+
+def install_built(source: str, built: str):
+    """Move a kernel built to <built>.tmp into place and stamp it with its source's sha256
+    (what KernelState compares)."""
     yield StringCommand("mv", "-f", QuoteString(built + ".tmp"), QuoteString(built))
     yield StringCommand("sh", "-c", QuoteString(
         f"sha256sum {shlex.quote(source)} | cut -d' ' -f1 > "
