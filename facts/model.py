@@ -6,9 +6,8 @@ import shlex
 
 from pyinfra.api import FactBase
 
+from facts import script
 from operations.settings import VERIFIED
-
-
 
 
 def _read_head(git_dir: str) -> str:
@@ -50,33 +49,8 @@ class LfsFiles(FactBase):
     batch_inline = True  # see operations.factcache._fact_command
 
     def command(self, path):
-        # The pointers of HEAD come from the list the weights operation indexed for that
-        # commit (read by the shell itself), else from git: the LFS paths from check-attr,
-        # their blob ids from ls-tree, all pointers through one cat-file. Then one stat for
-        # all the files, and their stamps read by the shell.
-        return (
-            f"{{ cd {shlex.quote(path)} 2>/dev/null || exit 0; "
-            + _read_head(".git") +
-            f"case $head in {NOT_A_COMMIT}) index=;; *) index={VERIFIED}/.pointers-$head;; esac; "
-            "if [ -n \"$index\" ] && [ -f \"$index\" ]; then "
-            "while read -r oid size f; do printf '%s\\n' \"$oid $size $f\"; done < \"$index\"; "
-            "else "
-            "{ git ls-tree -r -z --name-only HEAD | git check-attr --stdin -z filter | tr '\\0' '\\n'; "
-            "echo @@; git -c core.quotePath=false ls-tree -r HEAD; } 2>/dev/null | "
-            "awk '/^@@$/ { tree = 1; next } "
-            "!tree { f[n++] = $0; if (n == 3) { if (f[2] == \"lfs\") lfs[f[0]] = 1; n = 0 } next } "
-            "{ tab = index($0, \"\\t\"); p = substr($0, tab + 1); split(substr($0, 1, tab - 1), m, \" \"); "
-            "if (p in lfs) print m[3], p }' | "
-            "git cat-file --batch='@@ %(rest)' | "
-            "awk '/^@@ / { if (p != \"\" && oid != \"\") print oid, size, p; p = substr($0, 4); oid = \"\"; next } "
-            "/^oid sha256:/ { oid = substr($2, 8) } /^size [0-9]+$/ { size = $2 } "
-            "END { if (p != \"\" && oid != \"\") print oid, size, p }'; "
-            f"fi; }} | {{ cd {shlex.quote(path)} 2>/dev/null || exit 0; set --; "
-            "while read -r oid size f; do printf 'P %s\\n' \"$oid $size $f\"; set -- \"$@\" \"$f\"; done; "
-            "[ $# -gt 0 ] && stat -c 'S %s %n' -- \"$@\" 2>/dev/null; "
-            f"for f in \"$@\"; do v=; {{ read -r v < \"{VERIFIED}/$f\"; }} 2>/dev/null; "
-            "printf 'V %s\\n' \"${v:--} $f\"; done; true; }"
-        )
+        return (f"path={shlex.quote(path)}; stamps={VERIFIED}; " + _read_head(f"{path}/.git")
+                + script("lfs_files").replace("@NOT_A_COMMIT@", NOT_A_COMMIT))
 
     @staticmethod
     def default():
