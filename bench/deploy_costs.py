@@ -58,7 +58,7 @@ def main():
         first, _ = pyinfra(inventory, "bench/stage_timer.py", *limit(["h1"]), env=env)
         stages = {}
         for name, start, end in json.loads(times.read_text()):
-            stage = name.split(":")[0]
+            stage = name.split(" | ")[0]
             stages[stage] = round(stages.get(stage, 0) + (end - start), 2)
         results["first_deploy_one_host_s"] = round(first, 1)
         results["stage_seconds"] = stages

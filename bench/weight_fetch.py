@@ -83,13 +83,13 @@ def make_file(path: Path, mib: int) -> str:
 
 
 def write_job(tmp: Path, share: str, name: str, sha: str, size: int) -> Path:
-    from operations.model import STAMPS
+    from operations.settings import VERIFIED
 
     model_dir = tmp / "model"
     model_dir.mkdir(exist_ok=True)
     job = tmp / "job.json"
     job.write_text(json.dumps({"mode": "seafile", "source": share, "folder": "/",
-                               "model_dir": str(model_dir), "stamps": STAMPS,
+                               "model_dir": str(model_dir), "stamps": VERIFIED,
                                "files": [{"name": name, "oid": sha, "size": size}]}))
     return job
 

@@ -84,6 +84,7 @@ GPU stack (resolved from data/compat.toml when unset):
     build_gpu_kernels=True    build int4/int8 GPU kernels on hosts whose GPU upstream's
                               embedded kernels do not cover (sm_90 and newer)
     stages="all"              or a comma list of gpu,system,python,cuda_libs,model,kernel,smoke,serve
+                              (kernel, smoke and serve need model beside them)
 
 Smoke test and report:
     smoke_test=True           run a chat on every host, bring the figures back (a host that

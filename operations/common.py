@@ -5,7 +5,9 @@ import shlex
 from pathlib import Path
 
 import jinja2
+from pyinfra import host
 from pyinfra.api import StringCommand
+from pyinfra.facts.files import FileContents
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -17,6 +19,13 @@ def fail(message: str) -> StringCommand:
     fails only this host, shows the message, and lets the other hosts finish.
     """
     return StringCommand("sh", "-c", shlex.quote(f"echo {shlex.quote('ERROR: ' + message)} >&2; exit 1"))
+
+
+def text_of(path: str) -> str | None:
+    """A text file on the host as one string (a final newline added), None when it does not
+    exist: what the patches of quantization.py read, edit and write back whole."""
+    lines = host.get_fact(FileContents, path=path)
+    return None if lines is None else "\n".join(lines) + "\n"
 
 
 @functools.cache

@@ -8,80 +8,21 @@ libcuda.so.1 (never a copy of another version) into /usr/local/cuda/lib64 and th
 runs cpm_kernels' own lookup to prove all four resolve there.
 """
 
-import json
-import shlex
-
 from pyinfra import host
-from pyinfra.api import FactBase, StringCommand, operation
-from pyinfra.api.command import QuoteString
+from pyinfra.api import operation
+from pyinfra.operations import files
+
+from facts.cuda_libs import CUDA_LIB64, LIBS, CpmKernelsLookup, Lib64Links
+from facts.gpu import DriverLibraries, KernelModule
 
 from .common import fail
-from .gpu import DriverLibraries, KernelModule
 from .resolver import version_tuple
 
-LIBS = ("cuda", "cudart", "cublasLt", "nvrtc")
-CUDA_LIB64 = "/usr/local/cuda/lib64"
-
-# Loads cpm_kernels/library/base.py on its own: importing the package would call
-# cudaGetDeviceCount, which raises on hosts without a working driver.
-LOOKUP = (
-    "import importlib.util as u, json, os, sys; "
-    "spec = u.find_spec('cpm_kernels'); "
-    "base = os.path.join(spec.submodule_search_locations[0], 'library', 'base.py'); "
-    "m = u.module_from_spec(u.spec_from_file_location('cpm_lookup', base)); "
-    "spec2 = m.__spec__; spec2.loader.exec_module(m); "
-    "print(json.dumps({n: m.unix_find_lib(n) for n in sys.argv[1:]}))"
-)
-
-
-class CpmKernelsLookup(FactBase):
-    """What cpm_kernels' unix_find_lib returns for each library, or {"error": ...}."""
-
-    def command(self, python):
-        names = " ".join(LIBS)
-        return (f"{shlex.quote(python)} -c \"{LOOKUP}\" {names} 2>&1 | tail -1 || true")
-
-    @staticmethod
-    def default():
-        return {"error": "no output"}
-
-    def process(self, output):
-        try:
-            return json.loads(output[-1])
-        except ValueError:
-            return {"error": output[-1]}
-
-
-class Lib64Links(FactBase):
-    """For each library: what /usr/local/cuda/lib64/lib<name>.so resolves to ('' when absent
-    or dangling), and the newest versioned file beside it."""
-
-    def command(self):
-        return "; ".join(
-            f"t=$([ -e {CUDA_LIB64}/lib{n}.so ] && readlink -f {CUDA_LIB64}/lib{n}.so); "
-            f"v=$(ls {CUDA_LIB64}/lib{n}.so.* 2>/dev/null | sort -V | tail -1); "
-            f"echo \"{n} ${{t:--}} ${{v:--}}\""
-            for n in LIBS)
-
-    @staticmethod
-    def default():
-        return {}
-
-    def process(self, output):
-        links = {}
-        for line in output:
-            name, target, versioned = line.split()
-            links[name] = {"target": target.strip("-"), "versioned": versioned.strip("-")}
-        return links
-
-
 @operation()
-def expose(plan: dict):
+def expose():
     """
-    Link the driver's libcuda.so.1 and the toolkit's unversioned libraries into
-    /usr/local/cuda/lib64, where cpm_kernels looks first.
-
-    + plan: the resolver's result for this host
+    Link the driver's libcuda.so.1 (the loaded module's version) and the toolkit's
+    unversioned libraries into /usr/local/cuda/lib64, where cpm_kernels looks first.
     """
     libs = host.get_fact(DriverLibraries)
     loaded = host.get_fact(KernelModule)
@@ -99,14 +40,13 @@ def expose(plan: dict):
     links = host.get_fact(Lib64Links)
     changed = False
     if links.get("cuda", {}).get("target") != driver_lib:
-        yield StringCommand("mkdir", "-p", CUDA_LIB64)
-        yield StringCommand("ln", "-sfn", QuoteString(driver_lib), f"{CUDA_LIB64}/libcuda.so")
+        yield from files.link._inner(path=f"{CUDA_LIB64}/libcuda.so", target=driver_lib,
+                                     create_remote_dir=True)
         changed = True
     for name in LIBS[1:]:
         info = links.get(name, {})
         if not info.get("target") and info.get("versioned"):
-            yield StringCommand("ln", "-sfn", QuoteString(info["versioned"]),
-                                f"{CUDA_LIB64}/lib{name}.so")
+            yield from files.link._inner(path=f"{CUDA_LIB64}/lib{name}.so", target=info["versioned"])
             changed = True
     if not changed:
         host.noop(f"{CUDA_LIB64}/libcuda.so -> {driver_lib}; toolkit libraries in place")

@@ -35,8 +35,10 @@ from pyinfra.api import BaseStateCallback, FactBase, StringCommand
 from pyinfra.api.facts import _MISSING_COMMAND_MARKER as MISSING_COMMAND_MARKER
 from pyinfra.api.facts import ShortFactBase
 
+from . import runstate
+
 _read_live = pyinfra_host.get_fact
-_IMPORTABLE = ("operations.", "pyinfra.facts.")
+_IMPORTABLE = ("facts.", "operations.", "pyinfra.facts.")
 
 
 def batch_command(commands: list, nonce: str, prelude: str = "") -> StringCommand:
@@ -271,16 +273,17 @@ def plan_path(cache_dir: str, host) -> Path:
 
 def install(state) -> FactCache:
     """Route this run's fact reads through one FactCache (once per run)."""
-    cache = getattr(state, "chatglm_facts", None)
+    run = runstate.of(state)
+    cache = run.facts
     if cache is None:
-        cache = state.chatglm_facts = FactCache()
+        cache = run.facts = FactCache()
         state.add_callback_handler(cache)
 
         def get_fact(state_, host, cls, args=None, kwargs=None, **more):
-            run = getattr(state_, "chatglm_facts", None)
-            if run is None:
+            facts = getattr(getattr(state_, "chatglm", None), "facts", None)
+            if facts is None:
                 return _read_live(state_, host, cls, args=args, kwargs=kwargs, **more)
-            return run.get_fact(state_, host, cls, args=args, kwargs=kwargs, **more)
+            return facts.get_fact(state_, host, cls, args=args, kwargs=kwargs, **more)
 
         pyinfra_host.get_fact = get_fact  # Host.get_fact looks this name up at every call
     return cache

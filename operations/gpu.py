@@ -6,227 +6,23 @@ driver, a module that Secure Boot will not load. Packages come from NVIDIA's CUD
 apt repo (cuda-keyring), are pinned to the resolved versions and held.
 """
 
-import re
+import dataclasses
+from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import FactBase, StringCommand, operation
+from pyinfra.api import StringCommand, operation
 from pyinfra.api.command import QuoteString
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files
 
+from facts.gpu import (AptHolds, AptKnowsRepo, CudaToolkits, DriverLibraries, KernelModule,
+                       LEGACY_KEY, LegacyCudaKey, NvidiaPciDevices, NvidiaSmi, SecureBoot)
+
 from .common import fail
-from .resolver import resolve, version_tuple
+from .resolver import GpuPlan, resolve, version_tuple
 from .settings import SettingError, Settings, load_toml
 
-NVIDIA_VENDOR = "0x10de"
-LIB_DIRS = ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/nvidia/lib64",
-            "/usr/lib/wsl/lib", "/usr/local/nvidia/lib"]
-LEGACY_KEY = "7fa2af80"
-# apt-cache that writes nothing to disk: no package cache files, scratch files in RAM
-# (a fact must leave the host as it was, or --dry would change it).
-APT_CACHE_READONLY = ("TMPDIR=$([ -w /dev/shm ] && echo /dev/shm || echo \"${TMPDIR:-/tmp}\") "
-                      "apt-cache -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache=")
-
-
-class NvidiaPciDevices(FactBase):
-    """NVIDIA display/3D controllers on the PCI bus, read from sysfs (needs no lspci)."""
-
-    batch_inline = True  # see operations.factcache._fact_command
-
-    def command(self):
-        # Read by the shell itself, no process: this runs on every host at every run.
-        return ("for d in /sys/bus/pci/devices/*; do "
-                "{ read -r v < \"$d/vendor\" && "
-                f"[ \"$v\" = {NVIDIA_VENDOR} ] && read -r c < \"$d/class\" && "
-                "read -r i < \"$d/device\"; } 2>/dev/null || continue; "
-                "case $c in 0x03*) echo \"${d##*/} $i\";; esac; done; true")
-
-    @staticmethod
-    def default():
-        return []
-
-    def process(self, output):
-        return [dict(zip(("pci", "device"), line.split())) for line in output]
-
-
-class NvidiaSmi(FactBase):
-    """GPUs as the driver sees them: name, memory, compute capability, driver version.
-
-    Returns {"gpus": [...], "driver": str, "error": str, "installed": bool}; error holds
-    nvidia-smi's own message when it fails (no kernel module, version mismatch).
-    """
-
-    batch_inline = True  # see operations.factcache._fact_command
-
-    def command(self):
-        return ("if command -v nvidia-smi >/dev/null; then "
-                "nvidia-smi --query-gpu=name,memory.total,compute_cap,driver_version "
-                "--format=csv,noheader,nounits 2>&1; echo \"rc=$?\"; fi")
-
-    @staticmethod
-    def default():
-        return {"gpus": [], "driver": "", "error": "", "installed": False}
-
-    def process(self, output):
-        rc = output[-1].removeprefix("rc=")
-        lines = output[:-1]
-        if rc != "0":
-            return {"gpus": [], "driver": "", "error": " ".join(lines), "installed": True}
-        gpus, driver = [], ""
-        for line in lines:
-            name, mem, cap, driver = [p.strip() for p in line.split(",")]
-            gpus.append({"name": name, "memory_mib": int(float(mem)), "compute_cap": cap})
-        return {"gpus": gpus, "driver": driver, "error": "", "installed": True}
-
-
-class KernelModule(FactBase):
-    """Version of the loaded nvidia kernel module, '' when none is loaded."""
-
-    batch_inline = True  # see operations.factcache._fact_command
-
-    def command(self):
-        return "cat /proc/driver/nvidia/version 2>/dev/null || true"
-
-    @staticmethod
-    def default():
-        return ""
-
-    def process(self, output):
-        match = re.search(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)", " ".join(output))
-        return match.group(1) if match else ""
-
-
-class DriverLibraries(FactBase):
-    """Userspace driver libraries: [{"path": realpath of libcuda.so.1, "version": ...}],
-    from the ld.so cache and the directories drivers are known to use."""
-
-    batch_inline = True  # see operations.factcache._fact_command
-
-    def command(self):
-        dirs = " ".join(LIB_DIRS)
-        # A host with no libcuda in the known directories nor in the ld.so cache (every
-        # CPU host) costs one grep instead of ldconfig, sed, readlink and sort.
-        return (f"found=; for d in {dirs}; do [ -e $d/libcuda.so.1 ] && found=1; done; "
-                "[ -n \"$found\" ] || ! grep -qs 'libcuda\\.so\\.1' /etc/ld.so.cache || found=1; "
-                "[ -z \"$found\" ] || { { ldconfig -p 2>/dev/null | sed -n 's/.*libcuda\\.so\\.1 .*=> //p'; "
-                f"for d in {dirs}; do [ -e $d/libcuda.so.1 ] && echo $d/libcuda.so.1; done; }} "
-                "| while read -r p; do echo \"$p $(readlink -f $p)\"; done | sort -u; }")
-
-    @staticmethod
-    def default():
-        return []
-
-    def process(self, output):
-        libs, seen = [], set()
-        for line in output:
-            link, real = line.split()
-            if real in seen:
-                continue
-            seen.add(real)
-            match = re.search(r"libcuda\.so\.(\d+\.\d+(?:\.\d+)?)$", real)
-            libs.append({"link": link, "path": real, "version": match.group(1) if match else ""})
-        return libs
-
-
-class SecureBoot(FactBase):
-    """True/False when the firmware reports Secure Boot, None on legacy BIOS boots."""
-
-    def command(self):
-        return ("if command -v mokutil >/dev/null && mokutil --sb-state 2>/dev/null | "
-                "grep -q 'SecureBoot enabled'; then echo on; "
-                "else f=$(ls /sys/firmware/efi/efivars/SecureBoot-* 2>/dev/null | head -1); "
-                "if [ -n \"$f\" ]; then od -An -t u1 \"$f\" | awk '{print ($NF==1) ? \"on\" : \"off\"}'; "
-                "else echo none; fi; fi")
-
-    @staticmethod
-    def default():
-        return None
-
-    def process(self, output):
-        return {"on": True, "off": False}.get(output[-1].strip())
-
-
-class CudaToolkits(FactBase):
-    """Installed toolkits {"12.4": "/usr/local/cuda-12.4"} and where /usr/local/cuda points.
-
-    A toolkit is a /usr/local/cuda-X.Y directory holding its runtime library, whether it
-    came from apt, a runfile or an image (version.json is not always there).
-    """
-
-    batch_inline = True  # see operations.factcache._fact_command
-
-    def command(self):
-        return ("for d in /usr/local/cuda-[0-9]*.[0-9]*; do "
-                "ls $d/lib64/libcudart.so* $d/targets/*/lib/libcudart.so* >/dev/null 2>&1 && "
-                "echo \"$(readlink -f $d)\"; done; echo \"current $(readlink -f /usr/local/cuda)\"")
-
-    @staticmethod
-    def default():
-        return {"installed": {}, "current": ""}
-
-    def process(self, output):
-        installed, current = {}, ""
-        for line in output:
-            if line.startswith("current "):
-                current = line[len("current "):].strip()
-                continue
-            match = re.search(r"cuda-(\d+\.\d+)$", line.strip())
-            if match:
-                installed[match.group(1)] = line.strip()
-        return {"installed": installed, "current": current}
-
-
-class AptHolds(FactBase):
-    """Packages marked hold (dpkg's selections, which apt-mark hold sets; read from dpkg
-    because apt-mark writes scratch files even to show them)."""
-
-    batch_inline = True  # see operations.factcache._fact_command
-
-    def command(self):
-        return ("dpkg-query -W -f='${db:Status-Want} ${Package}\\n' 2>/dev/null "
-                "| awk '$1 == \"hold\" {print $2}' || true")
-
-    @staticmethod
-    def default():
-        return []
-
-    def process(self, output):
-        return [line.strip() for line in output if line.strip()]
-
-
-class AptKnowsRepo(FactBase):
-    """Whether apt's package lists include a repository URL (an update fetched it)."""
-
-    def command(self, url):
-        return f"{APT_CACHE_READONLY} policy 2>/dev/null | grep -qF '{url}' && echo yes || echo no"
-
-    @staticmethod
-    def default():
-        return False
-
-    def process(self, output):
-        return output[-1].strip() == "yes"
-
-
-class LegacyCudaKey(FactBase):
-    """Whether apt still trusts NVIDIA's retired repo key 7fa2af80."""
-
-    def command(self):
-        # apt-key builds a scratch keyring under $TMPDIR: in RAM, so reading the fact leaves
-        # the disk as it was (a --dry run writes nothing).
-        return ("command -v apt-key >/dev/null && { [ -w /dev/shm ] && export TMPDIR=/dev/shm; "
-                "apt-key list 2>/dev/null; } | tr -d ' ' "
-                f"| grep -qi {LEGACY_KEY} && echo yes || echo no")
-
-    @staticmethod
-    def default():
-        return False
-
-    def process(self, output):
-        return output[-1].strip() == "yes"
-
-
-def gpu_plan(s: Settings, os_ident: str) -> dict:
+def gpu_plan(s: Settings, os_ident: str) -> GpuPlan:
     """Detect this host's GPUs and resolve its stack; raises SettingError if impossible."""
     pci = host.get_fact(NvidiaPciDevices)
     smi = host.get_fact(NvidiaSmi)
@@ -249,36 +45,30 @@ def gpu_plan(s: Settings, os_ident: str) -> dict:
     installed = smi["driver"] or next((lib["version"] for lib in libs if lib["version"]), "")
     pins = {"cuda_version": s.cuda_version, "driver_branch": s.driver_branch, "cudnn": s.cudnn}
     plan = resolve(host.name, gpus, os_ident, pins, installed_driver=installed)
-    plan.update(gpus=gpus, smi_error=smi["error"], installed_driver=installed)
-    return plan
+    return dataclasses.replace(plan, gpus=gpus, smi_error=smi["error"], installed_driver=installed)
 
 
 @operation(is_idempotent=False)
-def report_plan(plan: dict):
+def report_plan(summary: str):
     """
     Show the resolved GPU stack in the run output; changes nothing.
 
-    + plan: the resolver's result for this host
+    + summary: the plan in one line (GpuPlan.summary)
     """
-    if not plan["gpu"]:
-        host.noop("no NVIDIA GPU found: CPU-only host, GPU stack skipped, torch build 'cpu'")
-    else:
-        host.noop(f"GPU {plan['gpus'][0]['name']}: CUDA {plan['cuda']}, driver branch "
-                  f"{plan['driver_branch']}{' (kept)' if plan['keep_driver'] else ''}, "
-                  f"{plan['cudnn']}, torch {plan['torch_tag']}")
+    host.noop(summary)
     return
     yield
 
 
 @operation(is_idempotent=False)
-def secure_boot(plan: dict, module_signed: bool):
+def secure_boot(keep_driver: bool, module_signed: bool):
     """
     Stop before installing a driver whose unsigned module Secure Boot would refuse.
 
-    + plan: the resolver's result for this host
+    + keep_driver: the installed driver stays (nothing is built)
     + module_signed: the inventory says a MOK is enrolled and DKMS signs the module
     """
-    if plan["keep_driver"] or module_signed:
+    if keep_driver or module_signed:
         host.noop("Secure Boot is no obstacle: the driver is kept or its module is signed")
         return
     if host.get_fact(SecureBoot):
@@ -292,15 +82,14 @@ def secure_boot(plan: dict, module_signed: bool):
     yield
 
 
-def _packages_needed(plan: dict, s: Settings) -> list[str]:
+def _packages_needed(keep_driver: bool, driver_branch: str, cuda: str, cudnn: str) -> list[str]:
     installed = host.get_fact(DebPackages)
     toolkits = host.get_fact(CudaToolkits)["installed"]
     needed = []
-    if not plan["keep_driver"]:
-        needed.append(f"cuda-drivers-{plan['driver_branch']}")
-    if plan["cuda"] not in toolkits:
-        needed.append(f"cuda-toolkit-{plan['cuda'].replace('.', '-')}")
-    cudnn = plan["cudnn"]
+    if not keep_driver:
+        needed.append(f"cuda-drivers-{driver_branch}")
+    if cuda not in toolkits:
+        needed.append(f"cuda-toolkit-{cuda.replace('.', '-')}")
     name, _, version = cudnn.partition("=")
     if cudnn != "none" and (name not in installed or (version and version not in installed[name])):
         needed.append(cudnn)
@@ -308,49 +97,44 @@ def _packages_needed(plan: dict, s: Settings) -> list[str]:
 
 
 @operation()
-def cuda_repo(plan: dict, s: Settings):
+def cuda_repo(repo_distro: str, cuda_repo_url: str, keep_driver: bool, driver_branch: str,
+              cuda: str, cudnn: str):
     """
     Set up NVIDIA's CUDA apt repo through cuda-keyring, when a package must come from it.
 
-    + plan: the resolver's result (repo_distro)
-    + s: the host's settings (cuda_repo_url: NVIDIA's URL or a mirror of it)
+    + repo_distro: NVIDIA's directory for the OS, e.g. ubuntu2404
+    + cuda_repo_url: NVIDIA's URL or a mirror of it
+    + keep_driver, driver_branch, cuda, cudnn: the planned stack (what may be missing)
     """
-    if not _packages_needed(plan, s):
+    if not _packages_needed(keep_driver, driver_branch, cuda, cudnn):
         host.noop("driver, toolkit and cuDNN are in place: the CUDA repo is not needed")
         return
-    base = f"{s.cuda_repo_url.rstrip('/')}/{plan['repo_distro']}/x86_64"
+    base = f"{cuda_repo_url.rstrip('/')}/{repo_distro}/x86_64"
     # Read before anything runs: pyinfra executes each yielded command before resuming here.
     keyring_missing = "cuda-keyring" not in host.get_fact(DebPackages)
     lists_missing = not host.get_fact(AptKnowsRepo, url=base)
     if host.get_fact(LegacyCudaKey):
         yield f"apt-key del {LEGACY_KEY}"
     if keyring_missing:
-        yield StringCommand("curl", "-fsSL", "-o", "/tmp/cuda-keyring.deb",
-                            QuoteString(f"{base}/cuda-keyring_1.1-1_all.deb"))
-        yield "dpkg -i /tmp/cuda-keyring.deb && rm -f /tmp/cuda-keyring.deb"
+        yield from apt.deb._inner(src=f"{base}/cuda-keyring_1.1-1_all.deb")
     # Written by us as well, so a mirror URL wins over the one inside the keyring .deb.
     line = (f"deb [signed-by=/usr/share/keyrings/cuda-archive-keyring.gpg] {base}/ /\n")
-    from io import StringIO
-
     put = files.put._inner(src=StringIO(line), mode="644",
-                           dest=f"/etc/apt/sources.list.d/cuda-{plan['repo_distro']}-x86_64.list")
+                           dest=f"/etc/apt/sources.list.d/cuda-{repo_distro}-x86_64.list")
     changed = False
     for command in put:
         changed = True
         yield command
     if changed or keyring_missing or lists_missing:
-        yield "apt-get update -qq"
+        yield from apt.update._inner()
 
 
 @operation()
-def nouveau(allow_reboot: bool):
+def nouveau():
     """
-    Blacklist nouveau so the NVIDIA module can bind, and rebuild the initramfs.
-
-    + allow_reboot: whether a reboot may follow (only noted here: the driver step reboots)
+    Blacklist nouveau so the NVIDIA module can bind, and rebuild the initramfs (gpu.module
+    reboots when the host must).
     """
-    from io import StringIO
-
     text = "# Written by chatglm-deploy: the NVIDIA driver needs the GPU.\nblacklist nouveau\noptions nouveau modeset=0\n"
     changed = False
     for command in files.put._inner(src=StringIO(text), dest="/etc/modprobe.d/blacklist-nouveau.conf",
@@ -364,16 +148,21 @@ def nouveau(allow_reboot: bool):
 
 
 @operation()
-def packages(plan: dict, s: Settings):
+def packages(keep_driver: bool, driver_branch: str, cuda: str, cudnn: str,
+             installed_driver: str = "", kernel_headers: bool = True):
     """
     Install the resolved driver branch, CUDA toolkit and cuDNN; never downgrade or
     replace a driver that already satisfies the toolkit (gpu.hold pins them after).
 
-    + plan: the resolver's result for this host
-    + s: the host's settings (kernel_headers)
+    + keep_driver: the installed driver satisfies the toolkit and stays
+    + driver_branch: the driver branch to install (or the kept one's)
+    + cuda: the toolkit version, e.g. 12.4
+    + cudnn: the cuDNN package (name or name=version), none for none
+    + installed_driver: the installed driver's version (for the message)
+    + kernel_headers: install the running kernel's headers for DKMS first
     """
-    needed = _packages_needed(plan, s)
-    if needed and not plan["keep_driver"] and s.kernel_headers:
+    needed = _packages_needed(keep_driver, driver_branch, cuda, cudnn)
+    if needed and not keep_driver and kernel_headers:
         # DKMS builds the module against the running kernel's headers.
         yield ("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "
                "\"linux-headers-$(uname -r)\" "
@@ -382,23 +171,25 @@ def packages(plan: dict, s: Settings):
     if needed:
         yield from apt.packages._inner(packages=needed, no_recommends=True)
     if not needed:
-        host.noop(f"driver {plan['installed_driver'] or plan['driver_branch']}, CUDA {plan['cuda']} "
-                  f"and {plan['cudnn']} are installed")
+        host.noop(f"driver {installed_driver or driver_branch}, CUDA {cuda} and {cudnn} are installed")
 
 
 @operation()
-def hold(plan: dict):
+def hold(keep_driver: bool, driver_branch: str, cuda: str, cudnn: str):
     """
     Hold the planned driver, toolkit and cuDNN packages so upgrades cannot move them.
 
-    + plan: the resolver's result for this host
+    + keep_driver: the driver was kept, not installed (not held)
+    + driver_branch: the installed driver branch
+    + cuda: the toolkit version
+    + cudnn: the cuDNN package (name or name=version), none for none
     """
     # NVIDIA's Debian repos name the driver package without its branch.
-    holds = [f"nvidia-driver-{plan['driver_branch']}", "nvidia-driver",
-             f"cuda-drivers-{plan['driver_branch']}"] if not plan["keep_driver"] else []
-    holds.append(f"cuda-toolkit-{plan['cuda'].replace('.', '-')}")
-    if plan["cudnn"] != "none":
-        holds.append(plan["cudnn"].split("=")[0])
+    holds = [f"nvidia-driver-{driver_branch}", "nvidia-driver",
+             f"cuda-drivers-{driver_branch}"] if not keep_driver else []
+    holds.append(f"cuda-toolkit-{cuda.replace('.', '-')}")
+    if cudnn != "none":
+        holds.append(cudnn.split("=")[0])
     installed = host.get_fact(DebPackages)
     held = host.get_fact(AptHolds)
     # Only names dpkg knows: apt-mark fails on unknown ones (NVIDIA's Debian repos name the
@@ -411,14 +202,14 @@ def hold(plan: dict):
 
 
 @operation()
-def cuda_link(plan: dict):
+def cuda_link(cuda: str):
     """
     Point /usr/local/cuda at the planned toolkit.
 
-    + plan: the resolver's result (cuda)
+    + cuda: the toolkit version, e.g. 12.4
     """
     toolkits = host.get_fact(CudaToolkits)
-    target = toolkits["installed"].get(plan["cuda"], f"/usr/local/cuda-{plan['cuda']}")
+    target = toolkits["installed"].get(cuda, f"/usr/local/cuda-{cuda}")
     if toolkits["current"] == target:
         host.noop(f"/usr/local/cuda -> {target}")
         return
@@ -426,12 +217,11 @@ def cuda_link(plan: dict):
 
 
 @operation(is_idempotent=False)
-def module(plan: dict, allow_reboot: bool):
+def module(allow_reboot: bool):
     """
     Check that the loaded kernel module matches the driver libraries; cure a mismatch by
     rebooting when allowed, else fail the host with the exact fix.
 
-    + plan: the resolver's result for this host
     + allow_reboot: the inventory lets the deploy reboot this host
     """
     if not host.state.is_executing:

@@ -8,7 +8,6 @@ nvcc for its architecture, and points quantization.py's blob at them.
 """
 
 import hashlib
-import shlex
 from io import StringIO
 
 from pyinfra import host
@@ -16,8 +15,11 @@ from pyinfra.api import StringCommand, operation
 from pyinfra.api.command import QuoteString
 from pyinfra.operations import files
 
-from .common import fail
-from .kernel import FileText, KernelState
+from facts.kernel import KernelState
+
+from .common import fail, text_of
+from .kernel import install_built
+from .resolver import GpuPlan
 from .settings import DATA, load_toml
 
 SOURCE = DATA / "kernels" / "quantization_kernels.cu"
@@ -25,12 +27,12 @@ BLOB_LINE = 'quantization_code = "'
 MARK = "# chatglm-deploy: GPU kernels built on this host"
 
 
-def needs_own_kernels(plan: dict) -> list[str]:
+def needs_own_kernels(plan: GpuPlan) -> list[str]:
     """Compute capabilities of this host's GPUs that upstream's blob cannot run on."""
-    if not plan.get("gpu"):
+    if not plan.gpu:
         return []
     covered = load_toml("compat.toml")["upstream_kernels"]["sass"]
-    return sorted({g["compute_cap"] for g in plan["gpus"] if g["compute_cap"] not in covered})
+    return sorted({g["compute_cap"] for g in plan.gpus if g["compute_cap"] not in covered})
 
 
 def fatbin_path(model_dir: str, caps: list[str]) -> str:
@@ -61,10 +63,7 @@ def build(model_dir: str, caps: list[str], nvcc: str = "/usr/local/cuda/bin/nvcc
         gencode += ["-gencode", f"arch=compute_{arch},code=[sm_{arch},compute_{arch}]"]
     yield StringCommand(nvcc, "-fatbin", "-O3", *gencode, QuoteString(source), "-o",
                         QuoteString(out + ".tmp"))
-    yield StringCommand("mv", "-f", QuoteString(out + ".tmp"), QuoteString(out))
-    yield StringCommand("sh", "-c", QuoteString(
-        f"sha256sum {shlex.quote(source)} | cut -d' ' -f1 > "
-        f"{shlex.quote(out + '.chatglm-kernel.sha256')}"))
+    yield from install_built(source, out)
 
 
 def patched(text: str, fatbin: str) -> str | None:
@@ -88,7 +87,7 @@ def patch(model_dir: str, caps: list[str]):
     + caps: the compute capabilities the kernels were built for
     """
     path = f"{model_dir}/quantization.py"
-    text = host.get_fact(FileText, path=path)
+    text = text_of(path)
     if text is None:
         host.noop(f"{path} is patched once the model is cloned")
         return

@@ -25,6 +25,7 @@ import socket
 from pyinfra import host
 from pyinfra.api import BaseStateCallback, operation
 
+from . import runstate
 from .common import fail
 
 LOCK = "/run/lock/chatglm-deploy.lock"
@@ -36,14 +37,14 @@ SHELLS = "sh|bash|dash|sudo|su|env|setsid|flock|timeout"
 
 def run_info(state) -> dict:
     """This run's id, start time and control host (once per run)."""
-    info = getattr(state, "chatglm_run", None)
-    if info is None:
-        info = state.chatglm_run = {
+    run = runstate.of(state)
+    if run.info is None:
+        run.info = {
             "run": secrets.token_hex(4),
             "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "from": socket.gethostname() or "?",
         }
-    return info
+    return run.info
 
 
 def take_command(info: dict, path: str = LOCK) -> str:

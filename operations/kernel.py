@@ -6,96 +6,24 @@ it the prebuilt .so by absolute path: transformers imports quantization.py from 
 modules cache, so a path relative to the file would point at the wrong place.
 """
 
-import base64
 import re
 import shlex
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import FactBase, OperationError, StringCommand, operation
+from pyinfra.api import OperationError, StringCommand, operation
 from pyinfra.api.command import QuoteString
 from pyinfra.operations import files
 
-from .common import fail
-from .system import CpuCount
+from facts.kernel import CALL, MARK, STAMP, KernelState, PatchLines
+from facts.system import CpuCount
 
-CALL = "load_cpu_kernel(**kwargs)"
+from .common import fail, text_of
+
 CALL_RE = re.compile(r"^[ \t]*load_cpu_kernel\(\*\*kwargs\)[ \t]*(#.*)?$")
 # The modeling code calls load_cpu_kernel(**kwargs) itself too (quantize() of a model already
 # quantized, on the CPU), with no kernel_file: the function's own first line covers that call.
 DEF = "def load_cpu_kernel(**kwargs):"
-MARK = "# chatglm-deploy: prebuilt CPU kernel"
-STAMP = ".chatglm-kernel.sha256"
-
-
-class KernelState(FactBase):
-    """sha256 of a kernel source, and the source sha256 the built .so was made from."""
-
-    batch_inline = True  # see operations.factcache._fact_command
-
-    def command(self, source, built):
-        source, stamp, built = (shlex.quote(source), shlex.quote(f"{built}.{STAMP.lstrip('.')}"),
-                                shlex.quote(built))
-        return (f"src=$(sha256sum {source} 2>/dev/null); src=${{src%% *}}; "
-                f"so=; [ -f {built} ] && {{ read -r so < {stamp}; }} 2>/dev/null; "
-                "echo \"${src:--} ${so:--}\"")
-
-    @staticmethod
-    def default():
-        return {"source": "", "built": ""}
-
-    def process(self, output):
-        source, built = output[0].split()
-        return {"source": source.strip("-"), "built": built.strip("-")}
-
-
-class FileText(FactBase):
-    """A text file's content, or None when it does not exist."""
-
-    batch_inline = True  # see operations.factcache._fact_command
-
-    def command(self, path):
-        # base64 keeps every byte, trailing whitespace and newlines included.
-        path = shlex.quote(path)
-        return f"[ -f {path} ] && base64 -w0 {path} && echo || echo __MISSING__"
-
-    @staticmethod
-    def default():
-        return None
-
-    def process(self, output):
-        if output == ["__MISSING__"]:
-            return None
-        return base64.b64decode("".join(output)).decode()
-
-
-class PatchLines(FactBase):
-    """The lines of a file that the patch reads or writes (the load_cpu_kernel call and
-    our mark), as [(line number, text)]; None when the file does not exist. Lets a run
-    see that quantization.py is patched without fetching the whole file."""
-
-    batch_inline = True  # see operations.factcache._fact_command
-
-    def command(self, path):
-        path = shlex.quote(path)
-        return (f"if [ -f {path} ]; then "
-                f"grep -nF -e {shlex.quote(CALL)} -e {shlex.quote(MARK)} {path}; true; "
-                "else echo __MISSING__; fi")
-
-    @staticmethod
-    def default():
-        return None
-
-    def process(self, output):
-        if output == ["__MISSING__"]:
-            return None
-        lines = []
-        for line in output:
-            number, _, text = line.partition(":")
-            lines.append((int(number), text))
-        return lines
-
-
 def _setdefault(indent: str, kernel: str) -> str:
     return f'{indent}kwargs.setdefault("kernel_file", {kernel!r})  {MARK}'
 
@@ -148,6 +76,12 @@ def build(model_dir: str, cpus: int = 0):
     # The flags of upstream's own compile, so the .so matches what quantize() would build.
     yield StringCommand("gcc", "-O3", "-fPIC", "-pthread", "-fopenmp", "-std=c99",
                         QuoteString(source), "-shared", "-o", QuoteString(built + ".tmp"))
+    yield from install_built(source, built)
+
+
+def install_built(source: str, built: str):
+    """Move a kernel built to <built>.tmp into place and stamp it with its source's sha256
+    (what KernelState compares)."""
     yield StringCommand("mv", "-f", QuoteString(built + ".tmp"), QuoteString(built))
     yield StringCommand("sh", "-c", QuoteString(
         f"sha256sum {shlex.quote(source)} | cut -d' ' -f1 > "
@@ -200,7 +134,7 @@ def patch_quantization(model_dir: str, cpus: int = 0):
     if lines and is_patched(lines, kernel):
         host.noop(f"{path} already loads {kernel}")
         return
-    text = host.get_fact(FileText, path=path) if lines is not None else None
+    text = text_of(path) if lines is not None else None
     if text is None:
         if host.state.is_executing:
             yield fail(f"{path} is missing from the model checkout")

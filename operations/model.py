@@ -14,150 +14,23 @@ from io import StringIO
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import (FactBase, FileUploadCommand, FunctionCommand,
+from pyinfra.api import (FileUploadCommand, FunctionCommand,
                          StringCommand, operation)
 from pyinfra.api.command import QuoteString
 from pyinfra.operations import files as files_ops
 
+from facts.model import GitHead, LfsFiles, PointerIndex, RemoteRefs
+from facts.system import FreeDiskBytes
+
 from . import hostlock
 from .common import fail
+from .resolver import GpuPlan
 from .settings import ROOT, VERIFIED, SettingError, Settings, is_commit, load_toml
-from .system import FreeDiskBytes
 
-STAMPS = VERIFIED  # per weight file: the sha256 it was checked against
 FETCH = ROOT / "runtime" / "fetch.py"  # the downloader, run on hosts as it is
 GB = 10 ** 9  # data/models.toml gives memory and disk in GB
 MIB = 1 << 20
 logger = logging.getLogger("pyinfra")
-
-
-def _read_head(git_dir: str) -> str:
-    """Shell that sets $head to what <git_dir>/HEAD holds ('' when unreadable); `case
-    $head in {NOT_A_COMMIT})` then tells a detached commit (what clone leaves) from a branch."""
-    return f"head=; {{ read -r head < {shlex.quote(git_dir + '/HEAD')}; }} 2>/dev/null; "
-
-
-NOT_A_COMMIT = "''|*[!0-9a-f]*"
-
-
-class GitHead(FactBase):
-    """The commit checked out in a repo, or '' when it is not a git checkout."""
-
-    batch_inline = True  # see operations.factcache._fact_command
-
-    def command(self, path):
-        # A detached HEAD (what clone leaves) is read by the shell itself; git only for a
-        # branch or anything else.
-        return (_read_head(f"{path}/.git") + f"case $head in {NOT_A_COMMIT}) "
-                f"git -C {shlex.quote(path)} rev-parse HEAD 2>/dev/null || true;; "
-                "*) echo $head;; esac")
-
-    @staticmethod
-    def default():
-        return ""
-
-    def process(self, output):
-        return output[0].strip()
-
-
-class LfsFiles(FactBase):
-    """LFS-tracked files of a checkout: {name: {oid, size, actual, verified}}.
-
-    oid/size come from the pointer committed at HEAD; actual is the size of the file
-    in the work tree; verified is the oid recorded when a download was checked.
-    """
-
-    batch_inline = True  # see operations.factcache._fact_command
-
-    def command(self, path):
-        # The pointers of HEAD come from the list the weights operation indexed for that
-        # commit (read by the shell itself), else from git: the LFS paths from check-attr,
-        # their blob ids from ls-tree, all pointers through one cat-file. Then one stat for
-        # all the files, and their stamps read by the shell.
-        return (
-            f"{{ cd {shlex.quote(path)} 2>/dev/null || exit 0; "
-            + _read_head(".git") +
-            f"case $head in {NOT_A_COMMIT}) index=;; *) index={STAMPS}/.pointers-$head;; esac; "
-            "if [ -n \"$index\" ] && [ -f \"$index\" ]; then "
-            "while read -r oid size f; do printf '%s\\n' \"$oid $size $f\"; done < \"$index\"; "
-            "else "
-            "{ git ls-tree -r -z --name-only HEAD | git check-attr --stdin -z filter | tr '\\0' '\\n'; "
-            "echo @@; git -c core.quotePath=false ls-tree -r HEAD; } 2>/dev/null | "
-            "awk '/^@@$/ { tree = 1; next } "
-            "!tree { f[n++] = $0; if (n == 3) { if (f[2] == \"lfs\") lfs[f[0]] = 1; n = 0 } next } "
-            "{ tab = index($0, \"\\t\"); p = substr($0, tab + 1); split(substr($0, 1, tab - 1), m, \" \"); "
-            "if (p in lfs) print m[3], p }' | "
-            "git cat-file --batch='@@ %(rest)' | "
-            "awk '/^@@ / { if (p != \"\" && oid != \"\") print oid, size, p; p = substr($0, 4); oid = \"\"; next } "
-            "/^oid sha256:/ { oid = substr($2, 8) } /^size [0-9]+$/ { size = $2 } "
-            "END { if (p != \"\" && oid != \"\") print oid, size, p }'; "
-            f"fi; }} | {{ cd {shlex.quote(path)} 2>/dev/null || exit 0; set --; "
-            "while read -r oid size f; do printf 'P %s\\n' \"$oid $size $f\"; set -- \"$@\" \"$f\"; done; "
-            "[ $# -gt 0 ] && stat -c 'S %s %n' -- \"$@\" 2>/dev/null; "
-            f"for f in \"$@\"; do v=; {{ read -r v < \"{STAMPS}/$f\"; }} 2>/dev/null; "
-            "printf 'V %s\\n' \"${v:--} $f\"; done; true; }"
-        )
-
-    @staticmethod
-    def default():
-        return {}
-
-    def process(self, output):
-        pointers, actual, verified = [], {}, {}
-        for line in output:
-            kind, _, rest = line.partition(" ")
-            if kind == "P":
-                oid, size, name = rest.split(" ", 2)
-                pointers.append((name, oid, int(size)))
-            elif kind == "S":
-                size, name = rest.split(" ", 1)
-                actual[name] = int(size)
-            elif kind == "V":
-                stamp, name = rest.split(" ", 1)
-                verified[name] = stamp
-        return {name: {"oid": oid, "size": size, "actual": actual.get(name, -1),
-                       "verified": verified.get(name, "-")} for name, oid, size in pointers}
-
-
-class PointerIndex(FactBase):
-    """The commit a checkout is at and whether LfsFiles' list of its pointers is kept:
-    {"head": sha, "indexed": bool}; head is '' when HEAD is not a detached commit."""
-
-    batch_inline = True  # see operations.factcache._fact_command
-
-    def command(self, path):
-        return (_read_head(f"{path}/.git") + f"case $head in {NOT_A_COMMIT}) ;; *) "
-                f"if [ -f {shlex.quote(f'{path}/{STAMPS}/.pointers-')}$head ]; then echo $head indexed; "
-                "else echo $head; fi;; esac")
-
-    @staticmethod
-    def default():
-        return {"head": "", "indexed": False}
-
-    def process(self, output):
-        words = output[0].split() if output else []
-        return {"head": words[0] if words else "", "indexed": len(words) > 1}
-
-
-class RemoteRefs(FactBase):
-    """{ref name: commit} of the refs of a remote matching a branch or tag name ({} when
-    git is missing or the remote cannot be reached). Annotated tags come peeled ('^{}')."""
-
-    def command(self, url, ref):
-        return (f"command -v git >/dev/null && GIT_TERMINAL_PROMPT=0 git ls-remote "
-                f"{shlex.quote(url)} {shlex.quote(ref)} 2>/dev/null || true")
-
-    @staticmethod
-    def default():
-        return {}
-
-    def process(self, output):
-        refs = {}
-        for line in output:
-            parts = line.split()
-            if len(parts) == 2:
-                refs[parts[1]] = parts[0]
-        return refs
 
 
 def resolve_ref(refs: dict, ref: str) -> tuple[str, str]:
@@ -250,7 +123,7 @@ def clone(url: str, dest: str, revision: str, allow_floating: bool = False):
                             "origin")
         yield StringCommand(env, "git", "-C", QuoteString(dest), "-c", "advice.detachedHead=false",
                             "checkout", "--quiet", "--force", "--detach", QuoteString(target))
-        yield StringCommand("rm", "-rf", QuoteString(f"{dest}/{STAMPS}"))
+        yield StringCommand("rm", "-rf", QuoteString(f"{dest}/{VERIFIED}"))
     yield _checkout_check(dest, target)
 
 
@@ -275,7 +148,7 @@ def _free_probe(path: Path) -> Path:
     return path
 
 
-def check_memory(s: Settings, variant: str, plan: dict, ram_bytes: int) -> None:
+def check_memory(s: Settings, variant: str, plan: GpuPlan, ram_bytes: int) -> None:
     """Raise SettingError, while operations are collected, when the host's first GPU (or its
     RAM on a CPU-only host) is smaller than the variant needs (data/models.toml, from the
     ChatGLM-6B README): the inventory asks for what cannot run, so no host is touched."""
@@ -283,8 +156,8 @@ def check_memory(s: Settings, variant: str, plan: dict, ram_bytes: int) -> None:
         return
     need = load_toml("models.toml")["variants"][variant]
     setting = "variant" if s.variant != "auto" else "variant (auto)"
-    if plan["gpu"]:
-        gpu = plan["gpus"][0]
+    if plan.gpu:
+        gpu = plan.gpus[0]
         have = mib_to_gb(gpu["memory_mib"])
         if have >= need["gpu_mem_gb"]:
             return
@@ -308,16 +181,17 @@ def check_memory(s: Settings, variant: str, plan: dict, ram_bytes: int) -> None:
 
 
 @operation()
-def check_resources(s: Settings, variant: str, model_dir: str):
+def check_resources(variant: str, model_dir: str, weights_mode: str = "control",
+                    weights_cache: str = ""):
     """
     Fail the host, before anything is downloaded, when it lacks the disk space the variant's
     weights need (figures in data/models.toml until the LFS pointers give exact sizes).
     Memory is checked earlier, by check_memory, while operations are collected.
 
-    + s: the host's settings (weights_mode, weights_cache)
     + variant: fp16, int8 or int4
     + model_dir: the model checkout; once cloned its LFS pointers give the exact sizes
-    + ram_bytes: the host's RAM when deploy.py read it already (0: read it here)
+    + weights_mode: control, direct or mirror (control: the control cache needs room too)
+    + weights_cache: the control-side cache directory (weights_mode control)
     """
     need = load_toml("models.toml")["variants"][variant]
     problems, fixes = [], []
@@ -333,8 +207,8 @@ def check_resources(s: Settings, variant: str, model_dir: str):
         problems.append(f"the weights need {weights / GB:.2f} GB ({basis}) under {model_dir}, "
                         f"{free / GB:.2f} GB are free")
         fixes.append("free space there or set install_dir to a larger filesystem")
-    if s.weights_mode == "control" and weights:
-        cache = Path(s.weights_cache).expanduser()
+    if weights_mode == "control" and weights:
+        cache = Path(weights_cache).expanduser()
         blobs = cache / "blobs"
         cached = 0 if todo is None else sum(
             size for oid, size in todo.items() if (blobs / oid).is_file()
@@ -398,7 +272,7 @@ def fetch_to_cache(state, host, cache: Path, share: str, share_path: str, name: 
 def _put_in_place(model_dir: str, name: str, oid: str) -> StringCommand:
     """Check a file's sha256 on the host, then rename it over its pointer and stamp it."""
     partial, dest = shlex.quote(_partial(model_dir, name)), shlex.quote(f"{model_dir}/{name}")
-    stamp = shlex.quote(f"{model_dir}/{STAMPS}/{name}")
+    stamp = shlex.quote(f"{model_dir}/{VERIFIED}/{name}")
     return StringCommand("sh", "-c", QuoteString(
         f'echo "{oid}  "{partial} | sha256sum -c --quiet - >/dev/null 2>&1 '
         f"|| {{ rm -f {partial}; echo {shlex.quote(f'ERROR: {name}: sha256 differs from the LFS pointer after the upload; the pointer was left in place')} >&2; exit 1; }}; "
@@ -410,7 +284,7 @@ def _stamp_in_place(model_dir: str, names: dict) -> StringCommand:
     """Hash files already of the right size where they lie; stamp those that match."""
     lines = []
     for name, f in sorted(names.items()):
-        dest, stamp = shlex.quote(f"{model_dir}/{name}"), shlex.quote(f"{model_dir}/{STAMPS}/{name}")
+        dest, stamp = shlex.quote(f"{model_dir}/{name}"), shlex.quote(f"{model_dir}/{VERIFIED}/{name}")
         lines.append(f'if echo "{f["oid"]}  "{dest} | sha256sum -c --quiet - >/dev/null 2>&1; '
                      f'then mkdir -p "$(dirname {stamp})" && echo {f["oid"]} > {stamp}; fi')
     return StringCommand("sh", "-c", QuoteString("; ".join(lines) + "; true"))
@@ -419,9 +293,9 @@ def _stamp_in_place(model_dir: str, names: dict) -> StringCommand:
 def _index_pointers(model_dir: str, head: str, files: dict) -> StringCommand:
     """Keep the LFS pointers of commit head (oid, size, name per line) where LfsFiles reads
     them; written whole or not at all."""
-    index = f"{model_dir}/{STAMPS}/.pointers-{head}"
+    index = f"{model_dir}/{VERIFIED}/.pointers-{head}"
     lines = "".join(f"{f['oid']} {f['size']} {name}\n" for name, f in sorted(files.items()))
-    script = (f"mkdir -p {shlex.quote(f'{model_dir}/{STAMPS}')} && "
+    script = (f"mkdir -p {shlex.quote(f'{model_dir}/{VERIFIED}')} && "
               f"printf %s {shlex.quote(lines)} > {shlex.quote(index + '.tmp')} && "
               f"mv -f {shlex.quote(index + '.tmp')} {shlex.quote(index)}")
     return StringCommand("sh", "-c", QuoteString(script))
@@ -468,7 +342,7 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str, mirror: st
         yield fail(f"{model_dir}: {free / GB:.2f} GB free, the weights need {need / GB:.2f} GB; "
                    "free space there or set install_dir to a larger filesystem")
         return
-    yield StringCommand("mkdir", "-p", QuoteString(f"{model_dir}/{STAMPS}"))
+    yield StringCommand("mkdir", "-p", QuoteString(f"{model_dir}/{VERIFIED}"))
 
     # A file already of the right size (a lost stamp, a copy put there by hand) is hashed
     # where it lies rather than downloaded again.
@@ -495,7 +369,7 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str, mirror: st
     yield from files_ops.put._inner(src=StringIO(json.dumps({
         "mode": "mirror" if s.weights_mode == "mirror" else "seafile",
         "source": mirror if s.weights_mode == "mirror" else share, "folder": share_path,
-        "model_dir": model_dir, "stamps": STAMPS, "attempts": s.weights_attempts,
+        "model_dir": model_dir, "stamps": VERIFIED, "attempts": s.weights_attempts,
         "files": [{"name": n, "oid": f["oid"], "size": f["size"]} for n, f in sorted(todo.items())],
     }, indent=1) + "\n"), dest=job, mode="644")
     yield FunctionCommand(_run_shown, (StringCommand(QuoteString(s.python), QuoteString(script),
@@ -515,12 +389,12 @@ def _run_shown(state, host, command: StringCommand) -> bool:
     return ok
 
 
-def auto_variant(plan: dict, ram_bytes: int) -> str:
+def auto_variant(plan: GpuPlan, ram_bytes: int) -> str:
     """The largest variant the host's first GPU holds (thresholds in data/models.toml);
     int4 on CPU-only hosts, the only variant meant for CPU inference."""
-    if not plan["gpu"]:
+    if not plan.gpu:
         return "int4"
-    mem_gb = mib_to_gb(plan["gpus"][0]["memory_mib"])
+    mem_gb = mib_to_gb(plan.gpus[0]["memory_mib"])
     variants = load_toml("models.toml")["variants"]
     for name in ("fp16", "int8", "int4"):
         if mem_gb >= variants[name]["gpu_mem_gb"]:

@@ -24,6 +24,7 @@ from pyinfra import logger
 
 from runtime import fetch
 
+from .pyplan import PythonPlan
 from .settings import SettingError, is_commit
 
 # Answers of upload-pack (git daemon, GitHub, Hugging Face) for a commit the remote lacks.
@@ -275,7 +276,7 @@ def _get(host_name, setting, url, must_list):
                            f"point {setting} at an index that serves it")
 
 
-def check_sources(host_name: str, s, src: dict | None, py: dict | None) -> None:
+def check_sources(host_name: str, s, src: dict | None, py: PythonPlan | None) -> None:
     """Every upstream one host will fetch from, asked from this machine: the pinned commits
     (check_revisions), the weights' share or mirror against the model commit's LFS pointers,
     the conda installer, the pip index and the torch index (check_sources).
@@ -307,16 +308,16 @@ def check_sources(host_name: str, s, src: dict | None, py: dict | None) -> None:
                     src["reviewed"])
     if not py:
         return
-    if py.get("conda"):
+    if py.conda:
         setting = "conda_installer_url" if s.conda_installer_url else "conda_installer_url (data/python.toml)"
-        check_url(host_name, setting, py["conda"]["url"])
-    if py["torch"]:
+        check_url(host_name, setting, py.conda.url)
+    if py.torch:
         setting = "torch_index_url" if s.torch_index_url else "torch_index_url (data/python.toml)"
-        check_url(host_name, setting, py["torch_index"].rstrip("/") + "/torch/",
-                  f"torch-{py['torch'] if py['torch_tag'] != 'cpu' else py['torch'].split('+')[0]}")
-    transformers = py["pins"].get("transformers")
+        check_url(host_name, setting, py.torch_index.rstrip("/") + "/torch/",
+                  f"torch-{py.torch if py.torch_tag != 'cpu' else py.torch.split('+')[0]}")
+    transformers = py.pins.get("transformers")
     if transformers:
-        index = py["index"] or PYPI
+        index = py.index or PYPI
         setting = "pip_index_url" if s.pip_index_url else "pip_index_url (PyPI)"
         check_url(host_name, setting, index.rstrip("/") + "/transformers/",
                   f"transformers-{transformers}")

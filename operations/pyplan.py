@@ -11,13 +11,55 @@ from data/python.toml [torch.builds]. A lock without a torch line relies on the 
 the host's system Python (venv_system_site_packages=True).
 """
 
+import dataclasses
 import functools
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .resolver import version_tuple
+from .resolver import GpuPlan, version_tuple
 from .settings import DATA, SettingError, Settings, check_url, load_toml
+
+
+@dataclass(frozen=True)
+class CondaInstaller:
+    """The conda a host's env comes from (python_backend='conda')."""
+
+    prefix: str          # where conda is installed
+    installer: str       # miniforge, miniconda (data/python.toml [conda.installers])
+    url: str             # the installer's URL (or its mirror's)
+    sha256: str          # the installer's pinned sha256
+    file: str            # where the installer is downloaded on the host
+    channels: list[str]  # the channels .condarc lists
+    mirror: str          # conda_mirror, '' for none
+
+
+@dataclass(frozen=True)
+class PythonPlan:
+    """One host's Python environment: what the Python stage installs and checks."""
+
+    backend: str                # conda or venv
+    install_dir: str
+    env: str                    # the env's prefix
+    python: str                 # the env's interpreter
+    interpreter: str            # the host's Python a venv is made from
+    system_site_packages: bool  # venv_system_site_packages
+    lock_name: str              # the requirements setting
+    lock_text: str              # the lock without its torch line
+    pins: dict                  # {normalized name: version} of the lock
+    index: str                  # pip_index_url, '' for PyPI
+    trusted_host: str           # the index's host when it is plain http
+    torch_tag: str              # cpu, cu121, ...
+    gpu: bool                   # CUDA must be available to torch
+    gpu_caps: list[str]         # the GPUs' compute capabilities
+    expect_cuda: str | None     # the CUDA torch must be built for, None on CPU
+    torch: str | None           # '2.5.1+cu121', None: the system's torch
+    torch_index: str            # PyTorch's wheel index for the tag (or a mirror)
+    torch_deps: bool            # torch brings its own dependencies (CUDA builds)
+    pythons: list[str]          # the Python versions the lock and torch support
+    python_version: str = ""    # conda: the env's Python
+    conda: CondaInstaller | None = None
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 PYVER = re.compile(r"3\.\d{1,2}")
@@ -173,43 +215,32 @@ def _basename(url: str) -> str:
     return urlparse(url).path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def python_plan(s: Settings, plan: dict) -> dict:
+def python_plan(s: Settings, plan: GpuPlan) -> PythonPlan:
     """The environment of one host, from its settings and its GPU plan (torch_tag).
 
     Raises SettingError when the lock, the torch build and the Python cannot go together.
     """
     data = python_data()
-    tag = plan["torch_tag"]
+    tag = plan.torch_tag
     lock = read_lock(lock_path(s.requirements))
     builds = data["torch"]["builds"]
     if tag not in builds:
-        raise SettingError(s.host, "torch", f"build {tag!r} (CUDA {plan.get('cuda')}) has no row in "
+        raise SettingError(s.host, "torch", f"build {tag!r} (CUDA {plan.cuda}) has no row in "
                            "data/python.toml [torch.builds]",
                            "add the release published for it, or set cuda_version to another CUDA")
     build = builds[tag]
     env = s.venv
-    py = {
-        "host": s.host,
-        "backend": s.python_backend,
-        "install_dir": s.install_dir,
-        "env": env,
-        "python": f"{env}/bin/python",
-        "interpreter": s.python,
-        "system_site_packages": s.venv_system_site_packages,
-        "lock_name": s.requirements,
-        "lock_text": lock["text"],
-        "pins": lock["pins"],
-        "index": s.pip_index_url,
-        "trusted_host": urlparse(s.pip_index_url).hostname
-        if s.pip_index_url.startswith("http://") else "",
-        "torch_tag": tag,
-        "gpu": bool(plan.get("gpu")),
-        "gpu_caps": sorted({g["compute_cap"] for g in plan.get("gpus", [])}),
-        "expect_cuda": tag_cuda(tag),
-    }
+    common = dict(
+        backend=s.python_backend, install_dir=s.install_dir, env=env, python=f"{env}/bin/python",
+        interpreter=s.python, system_site_packages=s.venv_system_site_packages,
+        lock_name=s.requirements, lock_text=lock["text"], pins=lock["pins"],
+        index=s.pip_index_url,
+        trusted_host=urlparse(s.pip_index_url).hostname if s.pip_index_url.startswith("http://") else "",
+        torch_tag=tag, gpu=plan.gpu, gpu_caps=sorted({g["compute_cap"] for g in plan.gpus}),
+        expect_cuda=tag_cuda(tag))
     if lock["torch"] is None:
         # The system Python's torch (venv_system_site_packages): verified, never installed.
-        py.update(torch=None, torch_index="", torch_deps=False, pythons=lock["pythons"])
+        py = PythonPlan(**common, torch=None, torch_index="", torch_deps=False, pythons=lock["pythons"])
     else:
         release = s.torch_version or (lock["torch"].split("+")[0] if tag == "cpu"
                                       else build.get("version"))
@@ -223,25 +254,22 @@ def python_plan(s: Settings, plan: dict) -> dict:
                                f"{', '.join(lock['pythons'])}, torch {release}+{tag} only "
                                f"{', '.join(build['python'])}",
                                "use a lock file built for a Python that this torch supports")
-        py.update(torch=f"{release}+{tag}", torch_index=index,
-                  # CPU: the lock holds torch's dependencies. CUDA: the index's nvidia-* wheels.
-                  torch_deps=tag != "cpu", pythons=pythons)
-    if s.python_backend == "conda":
-        version = s.python_version or max(py["pythons"], key=version_tuple, default="3.11")
-        if version not in py["pythons"] and py["pythons"]:
-            raise SettingError(s.host, "python_version", f"= {version!r} has no torch "
-                               f"{py['torch']} wheels", f"use one of {', '.join(py['pythons'])}")
-        name = s.conda_installer or data["conda"]["default_installer"]
-        installer = data["conda"]["installers"][name]
-        url = s.conda_installer_url or installer["url"]
-        py["python_version"] = version
-        py["conda"] = {
-            "prefix": s.conda_prefix,
-            "installer": name,
-            "url": url,
-            "sha256": s.conda_installer_sha256 or installer["sha256"],
-            "file": f"{s.install_dir}/.{_basename(url)}",
-            "channels": _split(s.conda_channels) or list(installer["channels"]),
-            "mirror": s.conda_mirror.rstrip("/"),
-        }
-    return py
+        # CPU: the lock holds torch's dependencies. CUDA: the index's nvidia-* wheels.
+        py = PythonPlan(**common, torch=f"{release}+{tag}", torch_index=index,
+                        torch_deps=tag != "cpu", pythons=pythons)
+    if s.python_backend != "conda":
+        return py
+    version = s.python_version or max(py.pythons, key=version_tuple, default="3.11")
+    if version not in py.pythons and py.pythons:
+        raise SettingError(s.host, "python_version", f"= {version!r} has no torch "
+                           f"{py.torch} wheels", f"use one of {', '.join(py.pythons)}")
+    name = s.conda_installer or data["conda"]["default_installer"]
+    installer = data["conda"]["installers"][name]
+    url = s.conda_installer_url or installer["url"]
+    conda = CondaInstaller(
+        prefix=s.conda_prefix, installer=name, url=url,
+        sha256=s.conda_installer_sha256 or installer["sha256"],
+        file=f"{s.install_dir}/.{_basename(url)}",
+        channels=_split(s.conda_channels) or list(installer["channels"]),
+        mirror=s.conda_mirror.rstrip("/"))
+    return dataclasses.replace(py, python_version=version, conda=conda)

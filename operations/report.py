@@ -267,6 +267,13 @@ class HostLog(logging.Handler):
             del lines[:-20]
 
 
+def _stage(state, op_hash: str) -> str:
+    """An operation's name as the report shows it: "Smoke: chat test" for pyinfra's
+    "Smoke | chat test" (a | would end the report's table cell)."""
+    names = sorted(name.replace(" | ", ": ") for name in state.get_op_meta(op_hash).names)
+    return ", ".join(names) or op_hash
+
+
 class FleetReport(BaseStateCallback):
     """Records the stage and error of each failed host; writes the report after the last
     host disconnects, and prints its path."""
@@ -298,9 +305,8 @@ class FleetReport(BaseStateCallback):
 
     def operation_host_error(self, state, host, op_hash, retry_count=0, max_retries=0):
         self.running.pop(host.name, None)
-        names = sorted(state.get_op_meta(op_hash).names)
         if host.name not in self.failures:
-            self.failures[host.name] = {"stage": ", ".join(names) or op_hash, "error": ""}
+            self.failures[host.name] = {"stage": _stage(state, op_hash), "error": ""}
             # The op's output is stored only after this callback: read it at disconnect.
             self._failed_ops[host.name] = (host, op_hash)
 
@@ -362,7 +368,7 @@ class FleetReport(BaseStateCallback):
                     (h for h in mine if h not in self.done.get(name, ())), None)
                 if op_hash is None:
                     continue  # every operation of this host completed
-                stage = ", ".join(sorted(state.get_op_meta(op_hash).names)) or op_hash
+                stage = _stage(state, op_hash)
             self.failures[name] = {"stage": stage, "error": f"the deploy was interrupted ({why})",
                                    "interrupted": True}
         self._write(state)

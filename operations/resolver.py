@@ -3,25 +3,41 @@
 Pure functions: facts in, a plan out, SettingError for impossible combinations.
 """
 
+from dataclasses import dataclass, field
+
 from .settings import SettingError, load_toml
+
+
+@dataclass
+class GpuPlan:
+    """One host's GPU stack: what resolve() chose from data/compat.toml, and what gpu_plan
+    saw on the host. A CPU-only host has gpu False and torch_tag 'cpu', nothing else."""
+
+    gpu: bool = False
+    torch_tag: str = "cpu"     # PyTorch's wheel index tag: cpu, cu118, cu121, ...
+    cuda: str = ""             # the toolkit, e.g. '12.4'
+    min_driver: str = ""       # the oldest driver that toolkit runs on
+    driver_branch: str = ""    # the driver to install, or the kept driver's branch
+    keep_driver: bool = False  # the installed driver already satisfies the toolkit
+    cudnn: str = "none"        # the cuDNN package (name or name=version), 'none' for none
+    repo_distro: str = ""      # NVIDIA's repo directory for the OS, e.g. 'ubuntu2404'
+    gpus: list[dict] = field(default_factory=list)  # [{"name", "memory_mib", "compute_cap"}]
+    smi_error: str = ""        # nvidia-smi's message when it fails
+    installed_driver: str = ""  # the installed driver's full version, '' when none
+
+    def summary(self) -> str:
+        if not self.gpu:
+            return "no NVIDIA GPU found: CPU-only host, GPU stack skipped, torch build 'cpu'"
+        return (f"GPU {self.gpus[0]['name']}: CUDA {self.cuda}, driver branch {self.driver_branch}"
+                f"{' (kept)' if self.keep_driver else ''}, {self.cudnn}, torch {self.torch_tag}")
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".") if p.isdigit())
 
 
-def os_key(distro: dict) -> str:
-    """'ubuntu-22.04' / 'debian-12' from pyinfra's LinuxDistribution fact."""
-    ident = (distro.get("release_meta") or {}).get("ID", distro.get("name", "")).lower()
-    major = distro.get("major")
-    minor = distro.get("minor")
-    if ident == "ubuntu":
-        return f"ubuntu-{major}.{minor:02d}" if minor is not None else f"ubuntu-{major}"
-    return f"{ident}-{major}"
-
-
 def resolve(host: str, gpus: list[dict], os_id: str, pins: dict,
-            installed_driver: str = "") -> dict:
+            installed_driver: str = "") -> GpuPlan:
     """Plan the GPU stack for one host.
 
     + host: host name, for error messages
@@ -32,7 +48,7 @@ def resolve(host: str, gpus: list[dict], os_id: str, pins: dict,
     """
     compat = load_toml("compat.toml")
     if not gpus:
-        return {"gpu": False, "torch_tag": "cpu"}
+        return GpuPlan()
     if os_id not in compat["os"]:
         raise SettingError(host, "os", f"{os_id!r} is not supported for the GPU stack",
                            f"use one of {', '.join(compat['os'])}")
@@ -90,16 +106,10 @@ def resolve(host: str, gpus: list[dict], os_id: str, pins: dict,
                            f"set driver_branch to {row['branch']} or newer, or leave it unset")
 
     keep = bool(installed_driver) and version_tuple(installed_driver) >= version_tuple(row["min_driver"])
-    return {
-        "gpu": True,
-        "cuda": cuda,
-        "min_driver": row["min_driver"],
-        "driver_branch": installed_driver.split(".")[0] if keep else branch,
-        "keep_driver": keep,
-        "cudnn": pins.get("cudnn") or row["cudnn"],
-        "torch_tag": row["torch_tag"],
-        "repo_distro": os_row["repo"],
-    }
+    return GpuPlan(gpu=True, cuda=cuda, min_driver=row["min_driver"],
+                   driver_branch=installed_driver.split(".")[0] if keep else branch,
+                   keep_driver=keep, cudnn=pins.get("cudnn") or row["cudnn"],
+                   torch_tag=row["torch_tag"], repo_distro=os_row["repo"])
 
 
 def runs_on(archs: list[str], compute_cap: str) -> bool:

@@ -17,26 +17,23 @@ import ipaddress
 import json
 import os
 import re
-import shlex
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import FactBase, FunctionCommand, StringCommand, operation
+from pyinfra.api import FunctionCommand, StringCommand, operation
 from pyinfra.api.command import FileUploadCommand
+from pyinfra.facts.files import Sha1File
 from pyinfra.operations import files, server, systemd
 
-from .common import fail, render
-from .settings import DATA, ROOT, Settings, SettingError, load_toml
-from .smoke import FileSha1, ModelFiles
+from facts.serve import (CONFIG_DIR, FINGERPRINT, KEY, UNIT, UNIT_PATH, PortHolders,
+                         ServeState)
+from facts.smoke import ModelFiles
 
-UNIT = "chatglm-server.service"
-CONFIG_DIR = "/etc/chatglm"
+from .common import TEMPLATES, fail, render
+from .settings import DATA, ROOT, Settings, SettingError, load_toml
+
 CONFIG = f"{CONFIG_DIR}/server.toml"
-KEY = f"{CONFIG_DIR}/api.key"
-FINGERPRINT = f"{CONFIG_DIR}/fingerprint"
-UNIT_PATH = f"/etc/systemd/system/{UNIT}"
 STATE_DIR = "/var/lib/chatglm"  # the service's only writable place (its home, HF module cache)
-TEMPLATES = ROOT / "templates"
 RUNTIME = ROOT / "runtime"
 BACKENDS = ("auto", "engine", "stream_chat")
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
@@ -48,10 +45,6 @@ def check_settings(s: Settings) -> None:
     """The serve settings of one host, checked before any host is touched (settings_for)."""
     if "serve" not in s.stage_list:
         return
-    if "model" not in s.stage_list:
-        raise SettingError(s.host, "stages", f"= {s.stages!r} runs 'serve' without 'model'",
-                           "add 'model' to stages: the serve stage serves the model that stage "
-                           "resolves and checks (a converged model stage changes nothing)")
     try:
         address = ipaddress.ip_address(s.serve_host)
     except ValueError:
@@ -128,63 +121,6 @@ def host_fingerprint(control: str, model_files: str) -> str:
 
 
 # --- facts -------------------------------------------------------------------------------------------
-
-class PortHolders(FactBase):
-    """Who listens on a TCP port: {"listening": bool, "holders": [[pid, command, ours]]}, ours
-    when the process runs in the chat server's unit (its cgroup names the unit). Also
-    {"systemd": bool}: whether PID 1 is systemd (the stage needs it)."""
-
-    def command(self, port, unit):
-        q = shlex.quote
-        return (f"[ -d /run/systemd/system ] && echo systemd=yes || echo systemd=no; "
-                f"ss -ltnH 'sport = :{int(port)}' 2>/dev/null | grep -q . && echo listening=yes; "
-                f"for p in $(ss -ltnpH 'sport = :{int(port)}' 2>/dev/null | grep -o 'pid=[0-9]*' "
-                f"| cut -d= -f2 | sort -u); do "
-                f"if grep -q {q(unit)} /proc/$p/cgroup 2>/dev/null; then o=ours; else o=other; fi; "
-                f"echo \"holder $p $o $(tr '\\0' ' ' < /proc/$p/cmdline | cut -c1-120)\"; done")
-
-    @staticmethod
-    def default():
-        return {"systemd": False, "listening": False, "holders": []}
-
-    def process(self, output):
-        found = {"systemd": False, "listening": False, "holders": []}
-        for line in output:
-            if line.startswith("systemd="):
-                found["systemd"] = line.endswith("yes")
-            elif line == "listening=yes":
-                found["listening"] = True
-            elif line.startswith("holder "):
-                _, pid, ours, *cmd = line.split(" ")
-                found["holders"].append([int(pid), " ".join(cmd).strip(), ours == "ours"])
-        return found
-
-
-class ServeState(FactBase):
-    """The service as the deploy left it, in one command: {"fingerprint": the one written
-    after its last ready (re)start, "unit": sha1 of the unit file, "key": "<sha1> <owner>
-    <mode>" of the key file, "active": systemctl is-active, "enabled": is-enabled} ('' when absent)."""
-
-    def command(self, unit):
-        q = shlex.quote
-        return (f"echo \"fingerprint $(cat {FINGERPRINT} 2>/dev/null)\"; "
-                f"echo \"unit $(sha1sum {UNIT_PATH} 2>/dev/null | cut -d' ' -f1)\"; "
-                f"echo \"key $(sha1sum {KEY} 2>/dev/null | cut -d' ' -f1) $(stat -c '%U %a' {KEY} 2>/dev/null)\"; "
-                f"echo \"active $(systemctl is-active {q(unit)} 2>/dev/null)\"; "
-                f"echo \"enabled $(systemctl is-enabled {q(unit)} 2>/dev/null)\"")
-
-    @staticmethod
-    def default():
-        return {"fingerprint": "", "unit": "", "key": "", "active": "", "enabled": ""}
-
-    def process(self, output):
-        found = self.default()
-        for line in output:
-            name, _, value = line.partition(" ")
-            if name in found:
-                found[name] = value.strip()
-        return found
-
 
 # --- operations ----------------------------------------------------------------------------------
 
@@ -296,7 +232,7 @@ def fetch_key(s: Settings, local_path: str):
     + s: the host's settings
     + local_path: where the key goes on this machine (<report_dir>/keys/<host>.key)
     """
-    remote = host.get_fact(FileSha1, path=KEY)
+    remote = host.get_fact(Sha1File, path=KEY)
     local = Path(local_path)
     if remote and local.is_file() and hashlib.sha1(local.read_bytes()).hexdigest() == remote \
             and (local.stat().st_mode & 0o777) == 0o600:
@@ -442,7 +378,7 @@ def fetch_result(s: Settings, result_path: str, local_dir: str):
     + local_dir: the control-side folder
     """
     dest = Path(local_dir) / f"{host.name}.json"
-    remote = host.get_fact(FileSha1, path=result_path)
+    remote = host.get_fact(Sha1File, path=result_path)
     if remote and dest.is_file() and hashlib.sha1(dest.read_bytes()).hexdigest() == remote:
         host.noop(f"{dest} is the host's serve result")
         return

@@ -19,6 +19,12 @@ VARIANTS = ("fp16", "int8", "int4")
 # Beside what a check covers (a model's weights, an environment), the record that it passed.
 VERIFIED = ".chatglm-verified"
 STAGES = ("gpu", "system", "python", "cuda_libs", "model", "kernel", "smoke", "serve")
+# Stages that work on the model checkout the model stage resolves (variant, revision, path).
+NEEDS_MODEL = {
+    "kernel": "the kernel stage builds and patches the checkout that stage resolves",
+    "smoke": "the smoke stage loads the model that stage resolves and checks",
+    "serve": "the serve stage serves the model that stage resolves and checks",
+}
 
 
 class SettingError(PyinfraError):
@@ -169,8 +175,9 @@ def check_keys(host_name: str, data: dict) -> None:
                            else "remove it, or see inventories/gpu.py for every setting")
 
 
-def settings_for(host) -> Settings:
-    """Build and validate one host's settings from its data; raise SettingError."""
+def read_settings(host) -> Settings:
+    """Build one host's settings from its data, checking the settings every stage reads;
+    raise SettingError. (checks.settings_for adds the Python and serve stages' checks.)"""
     # pyinfra's HostData merges host, group and --data values; tests pass a plain dict.
     check_keys(host.name, host.data.dict() if hasattr(host.data, "dict") else host.data)
     known = {f.name: f for f in fields(Settings) if f.name != "host"}
@@ -203,6 +210,11 @@ def settings_for(host) -> Settings:
                            f"use 'all' or a comma-separated list of {', '.join(STAGES)}")
     if not s.stage_list:
         raise SettingError(host.name, "stages", "is empty", "use 'all' or name the stages to run")
+    for stage, why in NEEDS_MODEL.items():
+        if stage in s.stage_list and "model" not in s.stage_list:
+            raise SettingError(host.name, "stages", f"= {s.stages!r} runs {stage!r} without 'model'",
+                               f"add 'model' to stages: {why} (a converged model stage changes "
+                               "nothing)")
     if s.weights_mode not in ("control", "direct", "mirror"):
         raise SettingError(host.name, "weights_mode", f"= {s.weights_mode!r} is unknown",
                            "use 'control', 'direct' or 'mirror'")
@@ -212,12 +224,6 @@ def settings_for(host) -> Settings:
     if s.weights_mode == "mirror" and not s.weights_mirror:
         raise SettingError(host.name, "weights_mirror", "is empty while weights_mode='mirror'",
                            "set weights_mirror to the LAN HTTP URL holding the weight files")
-    from .pyplan import check_settings  # the Python settings (backend, lock, mirrors)
-
-    check_settings(s)
-    from .serve import check_settings as check_serve
-
-    check_serve(s)
     for name in ("weights_share", "seafile_url", "weights_mirror", "code_url", "model_url",
                  "cuda_repo_url"):
         if getattr(s, name):

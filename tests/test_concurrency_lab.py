@@ -72,7 +72,7 @@ def unchanged(lab, inv: Path):
     results are fetched into it: a change on the control machine only.)"""
     again = lab.deploy(inventory=inv)
     t = totals(again.stdout)
-    done = {op: n for op, n in changes(again.stdout).items() if n and op != "Smoke: fetch result"}
+    done = {op: n for op, n in changes(again.stdout).items() if n and op != "Smoke | fetch result"}
     assert again.returncode == 0 and t["error"] == 0 and done == {}, again.stdout[-4000:]
     return again
 
@@ -268,7 +268,7 @@ def test_ctrl_c_in_the_python_stage_the_clone_and_the_smoke_test(lab, conc):
 
     plant()
     proc = start(lab, inv)
-    wait_for(lambda: running(lab, inv, "h25", "Python: torch for", "pip [i]nstall"), "pip on h25",
+    wait_for(lambda: running(lab, inv, "h25", "Python | torch for", "pip [i]nstall"), "pip on h25",
              timeout=900, proc=proc)
     time.sleep(2)
     rc = interrupt(proc)
@@ -279,7 +279,7 @@ def test_ctrl_c_in_the_python_stage_the_clone_and_the_smoke_test(lab, conc):
     slow_git(lab, "h25")
     plant()
     proc = start(lab, inv)
-    wait_for(lambda: running(lab, inv, "h25", "Model: clone", "[g]it clone"), "git clone on h25",
+    wait_for(lambda: running(lab, inv, "h25", "Model | clone", "[g]it clone"), "git clone on h25",
              timeout=900, proc=proc)
     rc = interrupt(proc)
     interrupted_at(name, "h25", "Model: clone ChatGLM-6B code", rc, inv)
@@ -288,7 +288,7 @@ def test_ctrl_c_in_the_python_stage_the_clone_and_the_smoke_test(lab, conc):
 
     plant()
     proc = start(lab, inv)
-    wait_for(lambda: running(lab, inv, "h25", "Smoke: chat test", "[s]moke_test.py"),
+    wait_for(lambda: running(lab, inv, "h25", "Smoke | chat test", "[s]moke_test.py"),
              "the smoke test on h25", timeout=900, proc=proc)
     rc = interrupt(proc)
     interrupted_at(name, "h25", "Smoke: chat test", rc, inv)
@@ -311,7 +311,7 @@ def test_sigterm_exits_non_zero_with_the_report(lab, conc):
     wait_for(lambda: idle(lab, "h25", "[s]moke_test.py"), "no smoke test on h25", timeout=300)
     lab.ssh("h25", "rm -f /opt/chatglm/smoke/result.json")
     proc = start(lab, inv)
-    wait_for(lambda: running(lab, inv, "h25", "Smoke: chat test", "[s]moke_test.py"),
+    wait_for(lambda: running(lab, inv, "h25", "Smoke | chat test", "[s]moke_test.py"),
              "the smoke test on h25", timeout=600, proc=proc)
     assert interrupt(proc, signal.SIGTERM) == 143
     failed = fleet("sigterm")["failed"]["h25"]

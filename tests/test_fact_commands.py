@@ -13,7 +13,9 @@ import subprocess
 
 import pytest
 
-from operations import gpu, kernel, model, system
+from facts import gpu, kernel, model, smoke, system
+from operations import model as model_ops
+from operations.settings import VERIFIED
 
 
 def sh(command: str, **kwargs):
@@ -64,7 +66,7 @@ def test_git_head_detached_branch_and_none(lfs_repo, tmp_path):
 
 def test_lfs_files_from_git_and_from_the_index_agree(lfs_repo):
     repo, head = lfs_repo
-    D = model.STAMPS
+    D = VERIFIED
     (repo / "a.bin").write_bytes(b"A" * 10)  # downloaded and verified
     (repo / D).mkdir()
     (repo / D / "a.bin").write_text(hashlib.sha256(b"A" * 10).hexdigest() + "\n")
@@ -75,7 +77,7 @@ def test_lfs_files_from_git_and_from_the_index_agree(lfs_repo):
     assert read(model.PointerIndex, path=str(repo)) == {"head": head, "indexed": False}
 
     # What the weights operation writes, run by sh.
-    command = model._index_pointers(str(repo), head, from_git)
+    command = model_ops._index_pointers(str(repo), head, from_git)
     subprocess.run(command.get_raw_value(), shell=True, check=True)
     assert read(model.PointerIndex, path=str(repo)) == {"head": head, "indexed": True}
     # The index is read by the shell: with no git on PATH the answer is the same.
@@ -152,11 +154,11 @@ def test_inline_facts_in_one_batch_give_what_each_gives_alone(lfs_repo, tmp_path
     """Facts marked batch_inline run in the batch's own shell, one after another: none may
     leave a variable, a directory or an exit behind that changes another's answer. Every
     inline fact, in two orders, against files where they take their different branches."""
-    from operations import factcache, smoke
+    from operations import factcache
     from tests.test_factcache import live, run_batch
 
     repo, head = lfs_repo
-    subprocess.run(model._index_pointers(str(repo), head, read(model.LfsFiles, path=str(repo)))
+    subprocess.run(model_ops._index_pointers(str(repo), head, read(model.LfsFiles, path=str(repo)))
                    .get_raw_value(), shell=True, check=True)
     branch = tmp_path / "branch"
     subprocess.run(["git", "clone", "-q", str(repo), str(branch)], check=True,
@@ -180,9 +182,8 @@ def test_inline_facts_in_one_batch_give_what_each_gives_alone(lfs_repo, tmp_path
         (model.PointerIndex, {"path": str(repo)}), (model.PointerIndex, {"path": str(branch)}),
         (kernel.KernelState, {"source": str(source), "built": str(tmp_path / "k.so")}),
         (kernel.KernelState, {"source": str(tmp_path / "none.c"), "built": str(tmp_path / "k.so")}),
-        (kernel.FileText, {"path": str(quant)}), (kernel.PatchLines, {"path": str(quant)}),
+        (kernel.PatchLines, {"path": str(quant)}),
         (kernel.PatchLines, {"path": str(tmp_path / "none.py")}),
-        (smoke.FileSha1, {"path": str(quant)}),
         (smoke.SmokeState, {"path": str(repo), "smoke_dir": str(tmp_path / "smoke")}),
     ]
     assert all(factcache._fact_command(cls, kwargs)[1] for cls, kwargs in facts)

@@ -7,8 +7,8 @@ from pyinfra.api import FactBase
 from pyinfra.facts.files import File, Sha1File
 from pyinfra.facts.server import LinuxDistribution
 
+from facts.system import HostResources
 from operations import factcache
-from operations.system import HostResources
 
 
 class Fails(FactBase):

@@ -153,12 +153,12 @@ def test_dry_run_on_fresh_hosts_lists_changes_and_writes_nothing(lab, faults):
     # the environments, the clones and the smoke test everywhere.
     plan = detected(dry.stdout)
     everyone = {"h12", "h13", "h21"}
-    for op in ("System: base packages", "Python: env with the planned Python, pip.conf",
-               "Python: torch for the resolved CUDA and the pinned requirements",
-               "Model: clone ChatGLM-6B code", "Model: clone the model repo", "Smoke: chat test"):
+    for op in ("System | base packages", "Python | env with the planned Python, pip.conf",
+               "Python | torch for the resolved CUDA and the pinned requirements",
+               "Model | clone ChatGLM-6B code", "Model | clone the model repo", "Smoke | chat test"):
         assert plan[op] == everyone, (op, plan)
-    for op in ("GPU: NVIDIA CUDA apt repo", "GPU: blacklist nouveau",
-               "GPU: driver, CUDA toolkit, cuDNN", "GPU: /usr/local/cuda -> planned toolkit"):
+    for op in ("GPU | NVIDIA CUDA apt repo", "GPU | blacklist nouveau",
+               "GPU | driver, CUDA toolkit, cuDNN", "GPU | /usr/local/cuda -> planned toolkit"):
         assert plan[op] == {"h21"}, (op, plan)
     assert only_listed()
 
@@ -327,8 +327,8 @@ def test_share_faults_through_a_whole_deploy_with_an_unreachable_and_a_failing_h
     dry = lab.deploy("--dry", "--diff", inventory=inv)
     assert dry.returncode == 0, dry.stdout[-4000:]
     plan = detected(dry.stdout)
-    assert plan["Kernel: patch quantization.py"] == {"h12"}, plan
-    assert plan["Python: torch for the resolved CUDA and the pinned requirements"] == {"h13"}
+    assert plan["Kernel | patch quantization.py"] == {"h12"}, plan
+    assert plan["Python | torch for the resolved CUDA and the pinned requirements"] == {"h13"}
     assert f"Will modify {d4}/quantization.py" in ANSI.sub("", dry.stdout)
     assert changed(before, snapshots(FRESH_CPU)) == {}
     converged(lab, inv)

@@ -64,8 +64,8 @@ def test_a_broken_model_fails_its_host_in_the_report_while_the_others_finish(lab
         lab.ssh("h2", f"mv /root/config.json.good {INT8_DIR}/config.json")
     assert run.returncode != 0
     # Only h2 failed, and only at the smoke test; h1 and h11 went through every operation.
-    assert op_row(run.stdout, "Smoke: chat test") == {"hosts": 3, "success": 0, "error": 1, "no_change": 2}
-    assert op_row(run.stdout, "Model: weights")["error"] == 0
+    assert op_row(run.stdout, "Smoke | chat test") == {"hosts": 3, "success": 0, "error": 1, "no_change": 2}
+    assert op_row(run.stdout, "Model | weights")["error"] == 0
     assert f"--> Fleet report: {REPORT / 'fleet.md'}" in run.stdout
 
     report = (REPORT / "fleet.md").read_text()

@@ -7,17 +7,18 @@ import bz2
 from pathlib import Path
 
 from operations import gpu_kernels
+from operations.resolver import GpuPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_QUANT = ROOT / "lab" / "fixtures" / "chatglm" / "quantization.py"
 
 
 def plan(*caps):
-    return {"gpu": True, "gpus": [{"name": "x", "compute_cap": c, "memory_mib": 0} for c in caps]}
+    return GpuPlan(gpu=True, gpus=[{"name": "x", "compute_cap": c, "memory_mib": 0} for c in caps])
 
 
 def test_only_uncovered_architectures_need_own_kernels():
-    assert gpu_kernels.needs_own_kernels({"gpu": False}) == []
+    assert gpu_kernels.needs_own_kernels(GpuPlan()) == []
     assert gpu_kernels.needs_own_kernels(plan("8.6", "8.0")) == []
     assert gpu_kernels.needs_own_kernels(plan("9.0")) == ["9.0"]
     assert gpu_kernels.needs_own_kernels(plan("10.0", "9.0", "8.0")) == ["10.0", "9.0"]

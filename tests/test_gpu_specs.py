@@ -27,6 +27,8 @@ Spec keys:
               behaviour and fails strictly until the bug is fixed (then drop the key)
 """
 
+import dataclasses
+import inspect
 import json
 import subprocess
 from pathlib import Path
@@ -36,8 +38,9 @@ import pytest
 from pyinfra.context import ctx_host, ctx_state
 
 from operations import common, cuda_libs, gpu
-from operations.resolver import resolve
-from operations.settings import SettingError, settings_for
+from operations.resolver import GpuPlan, resolve
+from operations.checks import settings_for
+from operations.settings import SettingError
 from tests.spec_harness import FakeDataHost, FakeHost, check_spec, run_op
 
 SPECS = Path(__file__).resolve().parent / "specs" / "gpu"
@@ -55,36 +58,46 @@ GPUS = {
     "V100": {"name": "Tesla V100-SXM2-16GB", "memory_mib": 16384, "compute_cap": "7.0"},
 }
 
-def build_plan(spec_plan: dict) -> dict:
+def build_plan(spec_plan: dict) -> GpuPlan:
     if "resolve" not in spec_plan:
-        return dict(spec_plan)
+        return GpuPlan(**spec_plan)
     r = spec_plan["resolve"]
     gpus = [GPUS[g] if isinstance(g, str) else g for g in r.get("gpus", ["H100"])]
     installed = r.get("installed_driver", "")
     plan = resolve(HOST, gpus, r["os"], r.get("pins", {}), installed_driver=installed)
     # What gpu.gpu_plan adds to the resolver's result.
-    plan.update(gpus=gpus, smi_error=r.get("smi_error", ""), installed_driver=installed)
-    return plan
+    return dataclasses.replace(plan, gpus=gpus, smi_error=r.get("smi_error", ""),
+                               installed_driver=installed)
 
 
-def build_args(spec: dict) -> dict:
+def build_args(op, spec: dict) -> tuple[dict, GpuPlan | None]:
+    """The operation's keyword arguments: the spec's own, then each parameter the operation
+    takes from the plan ("plan") or the host's settings ("s") of the same name."""
+    given = dict(spec.get("args", {}))
+    plan = build_plan(given.pop("plan")) if "plan" in given else None
+    s = settings_for(FakeDataHost(HOST, given.pop("s"))) if "s" in given else None
     args = {}
-    for name, value in spec.get("args", {}).items():
-        if name == "plan":
-            value = build_plan(value)
-        elif name == "s":
-            value = settings_for(FakeDataHost(HOST, value))
-        args[name] = value
-    return args
+    for name in inspect.signature(op._inner).parameters:
+        for source in (given, plan, s):
+            if isinstance(source, dict) and name in source:
+                args[name] = source[name]
+                break
+            if source is not None and not isinstance(source, dict) and hasattr(source, name):
+                args[name] = getattr(source, name)
+                break
+    unknown = set(given) - set(args)
+    assert not unknown, f"{spec['op']} takes no {sorted(unknown)}"
+    return args, plan
 
 
 
 def run_spec(spec: dict):
-    args = build_args(spec)
-    for key, value in spec.get("plan_expect", {}).items():
-        assert args["plan"].get(key) == value, f"resolved plan[{key!r}] = {args['plan'].get(key)!r}"
     module_name, op_name = spec["op"].split(".")
-    return run_op(getattr(MODULES[module_name], op_name), args, HOST, spec.get("facts", {}),
+    op = getattr(MODULES[module_name], op_name)
+    args, plan = build_args(op, spec)
+    for key, value in spec.get("plan_expect", {}).items():
+        assert getattr(plan, key) == value, f"resolved plan.{key} = {getattr(plan, key)!r}"
+    return run_op(op, args, HOST, spec.get("facts", {}),
                   executing=spec.get("executing", False), fail_in=MODULES.values(),
                   catch="raises" in spec)
 
@@ -115,15 +128,15 @@ def test_gpu_plan_from_nvidia_smi():
     smi = {"gpus": [GPUS["H100"]], "driver": "580.82.07", "error": "", "installed": True}
     plan = _gpu_plan({"gpu.NvidiaPciDevices": [{"pci": "0000:01:00.0", "device": "0x2330"}],
                       "gpu.NvidiaSmi": smi, "gpu.DriverLibraries": []})
-    assert (plan["cuda"], plan["keep_driver"], plan["driver_branch"]) == ("13.0", True, "580")
-    assert plan["installed_driver"] == "580.82.07" and plan["gpus"] == [GPUS["H100"]]
+    assert (plan.cuda, plan.keep_driver, plan.driver_branch) == ("13.0", True, "580")
+    assert plan.installed_driver == "580.82.07" and plan.gpus == [GPUS["H100"]]
 
 
 def test_gpu_plan_from_the_pci_table_before_any_driver():
     plan = _gpu_plan({"gpu.NvidiaPciDevices": [{"pci": "0000:01:00.0", "device": "0x2330"}],
                       "gpu.NvidiaSmi": SMI_NONE, "gpu.DriverLibraries": []}, "debian-12")
-    assert plan["gpus"][0]["compute_cap"] == "9.0"
-    assert (plan["cuda"], plan["keep_driver"], plan["repo_distro"]) == ("13.0", False, "debian12")
+    assert plan.gpus[0]["compute_cap"] == "9.0"
+    assert (plan.cuda, plan.keep_driver, plan.repo_distro) == ("13.0", False, "debian12")
 
 
 def test_gpu_plan_version_mismatch_uses_the_libraries_version():
@@ -133,8 +146,8 @@ def test_gpu_plan_version_mismatch_uses_the_libraries_version():
              "path": "/usr/lib/x86_64-linux-gnu/libcuda.so.580.82.07", "version": "580.82.07"}]
     plan = _gpu_plan({"gpu.NvidiaPciDevices": [{"pci": "0000:01:00.0", "device": "0x2330"}],
                       "gpu.NvidiaSmi": smi, "gpu.DriverLibraries": libs})
-    assert plan["installed_driver"] == "580.82.07" and plan["keep_driver"] is True
-    assert "mismatch" in plan["smi_error"]
+    assert plan.installed_driver == "580.82.07" and plan.keep_driver is True
+    assert "mismatch" in plan.smi_error
 
 
 def test_gpu_plan_unknown_pci_id_needs_compute_cap():
@@ -144,13 +157,13 @@ def test_gpu_plan_unknown_pci_id_needs_compute_cap():
         _gpu_plan(facts)
     assert all(t in str(info.value) for t in (HOST, "gpu_compute_cap", "0xffff", "Fix:"))
     plan = _gpu_plan(facts, gpu_compute_cap="8.6", gpu_memory_mib=23028)
-    assert plan["gpus"][0]["compute_cap"] == "8.6" and plan["gpus"][0]["memory_mib"] == 23028
+    assert plan.gpus[0]["compute_cap"] == "8.6" and plan.gpus[0]["memory_mib"] == 23028
 
 
 def test_gpu_plan_cpu_only():
     plan = _gpu_plan({"gpu.NvidiaPciDevices": [], "gpu.NvidiaSmi": SMI_NONE,
                       "gpu.DriverLibraries": []}, "centos-7")
-    assert plan["gpu"] is False and plan["torch_tag"] == "cpu"
+    assert plan.gpu is False and plan.torch_tag == "cpu"
 
 
 def test_fail_command_fails_with_its_message():

@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 
 from operations import hostlock, report
-from operations.settings import SettingError, settings_for
+from operations.checks import settings_for
+from operations.settings import SettingError
 from tests.spec_harness import FakeDataHost
 
 OWNER = """

@@ -18,7 +18,9 @@ import pytest
 from pyinfra.api.command import FileUploadCommand
 
 from operations import kernel, model
-from operations.settings import SettingError, mirror_url, settings_for, source_for
+from operations.resolver import GpuPlan
+from operations.checks import settings_for
+from operations.settings import VERIFIED, SettingError, mirror_url, source_for
 from tests import quantization_variants
 from tests.spec_harness import FakeDataHost, FakeHost, run_op
 from tests.spec_harness import render as render_spec
@@ -30,7 +32,7 @@ URL = "git://git.example/THUDM/chatglm-6b-int4"
 D = "/opt/chatglm/models/chatglm-6b-int4"
 OID = "1" * 64
 SHARE = "https://cloud.example/d/674208019e314311ab5c/"
-CPU = {"gpu": False, "gpus": []}
+CPU = GpuPlan()
 GB = 10 ** 9
 
 
@@ -68,7 +70,7 @@ def lfs(actual=-1, verified="-", size=1000, oid=OID):
 
 def test_clone_fresh_checks_out_the_pin_without_smudge():
     commands, fake = run(model.clone, {f"model.GitHead(path={D})": ""}, url=URL, dest=D, revision=C1)
-    run_id = fake.state.chatglm_run["run"]
+    run_id = fake.state.chatglm.info["run"]
     # What stands at dest first: an empty directory goes, a clone cut short is moved aside,
     # anything else fails the host, named; then the leftovers of earlier runs' clones.
     assert f"rmdir {D};" in commands[0] and f"mv -T {D} {D}.broken-{run_id}" in commands[0]
@@ -195,7 +197,7 @@ def test_mirror_url():
 @pytest.mark.parametrize("mib, variant", [(81559, "fp16"), (16384, "fp16"), (12288, "int8"),
                                           (10240, "int8"), (8192, "int4"), (4096, "int4")])
 def test_auto_variant_by_gpu_memory(mib, variant):
-    plan = {"gpu": True, "gpus": [{"name": "x", "memory_mib": mib}]}
+    plan = GpuPlan(gpu=True, gpus=[{"name": "x", "memory_mib": mib}])
     assert model.auto_variant(plan, 0) == variant
 
 
@@ -205,7 +207,9 @@ def test_auto_variant_cpu_is_int4():
 
 def resources(variant="int4", free=100 * GB, files=None, executing=True, **data):
     facts = {f"model.LfsFiles(path={D})": files or {}, f"system.FreeDiskBytes(path={D})": free}
-    return run(model.check_resources, facts, executing=executing, s=settings(**data),
+    s = settings(**data)
+    return run(model.check_resources, facts, executing=executing, weights_mode=s.weights_mode,
+               weights_cache=s.weights_cache,
                variant=variant, model_dir=D)
 
 
@@ -224,20 +228,20 @@ def test_resources_suffice(tmp_path):
 
 
 def test_too_little_gpu_memory_stops_the_run_at_collection():
-    plan = {"gpu": True, "gpus": [{"name": "Tesla T4", "memory_mib": 15360}]}
+    plan = GpuPlan(gpu=True, gpus=[{"name": "Tesla T4", "memory_mib": 15360}])
     assert memory_error("int8", plan) == memory_error("fp16", plan) == ""
-    plan["gpus"][0]["memory_mib"] = 8192
+    plan.gpus[0]["memory_mib"] = 8192
     message = memory_error("int8", plan, variant="int8")
     assert message.startswith(f"host '{HOST}': setting 'variant' = 'int8' needs 10 GB of GPU "
                               "memory, GPU 0 (Tesla T4) has 8.6 GB. Fix: set variant to a smaller")
     # auto picked int4 and even that does not fit: the setting named is still variant.
-    plan["gpus"][0]["memory_mib"] = 4096
+    plan.gpus[0]["memory_mib"] = 4096
     assert "setting 'variant (auto)' = 'int4' needs 6 GB" in memory_error("int4", plan)
     assert memory_error("int8", plan, check_memory=False) == ""
 
 
 def test_unknown_gpu_memory_asks_for_gpu_memory_mib():
-    plan = {"gpu": True, "gpus": [{"name": "NVIDIA device 0x1f99", "memory_mib": 0}]}
+    plan = GpuPlan(gpu=True, gpus=[{"name": "NVIDIA device 0x1f99", "memory_mib": 0}])
     message = memory_error("int4", plan)
     assert "has 0.0 GB" in message and "set gpu_memory_mib for this host" in message
 
@@ -334,7 +338,7 @@ def test_weights_on_the_host(mode, kind, source):
     assert commands[1] == {"upload": script, "src": str(model.FETCH)}
     upload = [c for c in commands if isinstance(c, dict) and c.get("upload") == job][0]
     assert json.loads(upload["content"]) == {
-        "mode": kind, "source": source, "folder": "/chatglm-6b-int4/", "model_dir": D, "stamps": model.STAMPS, "attempts": 3,
+        "mode": kind, "source": source, "folder": "/chatglm-6b-int4/", "model_dir": D, "stamps": VERIFIED, "attempts": 3,
         "files": [{"name": "pytorch_model.bin", "oid": OID, "size": 1000}]}
     # Run so that its progress lines show as they come, at the default verbosity.
     assert commands[-1] == {"function": "_run_shown", "command": f"python3 {script} {job}"}
@@ -387,7 +391,7 @@ def patch_facts(text, tmp_path):
     copy.write_text(text)
     command = kernel.PatchLines().command(path=str(copy))
     out = subprocess.run(["sh", "-c", command], capture_output=True, text=True).stdout
-    return {"system.CpuCount": 2, f"kernel.FileText(path={Q})": text,
+    return {"system.CpuCount": 2, f"files.FileContents(path={Q})": text.removesuffix("\n").split("\n"),
             f"kernel.PatchLines(path={Q})": kernel.PatchLines().process(out.splitlines()),
             f"files.File(path={Q})": {"mode": 644}}
 
@@ -400,7 +404,7 @@ def test_patch_operation_and_unknown_file(tmp_path):
     patched = kernel.patched(FIXTURE, Q, KERNEL)
     commands, fake = run(kernel.patch_quantization, patch_facts(patched, tmp_path), model_dir=D)
     assert commands == [] and fake.noops == [f"{Q} already loads {KERNEL}"]
-    assert f"kernel.FileText(path={Q})" not in fake.asked  # the grep sufficed
+    assert f"files.FileContents(path={Q})" not in fake.asked  # the grep sufficed
     broken = quantization_variants.no_call(FIXTURE)
     commands, _ = run(kernel.patch_quantization, patch_facts(broken, tmp_path),
                       executing=True, model_dir=D)

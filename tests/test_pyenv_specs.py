@@ -23,20 +23,21 @@ from pathlib import Path
 import pytest
 
 from operations import pyenv
-from operations.pyplan import lock_path, python_plan, read_lock
-from operations.settings import settings_for
+from operations.pyplan import PythonPlan, lock_path, python_plan, read_lock
+from operations.resolver import GpuPlan
+from operations.checks import settings_for
 from tests.spec_harness import FakeDataHost, check_spec, run_op
 from tests.test_gpu_specs import HOST, build_plan
 
 SPECS = Path(__file__).resolve().parent / "specs" / "pyenv"
 SPEC_FILES = sorted(SPECS.glob("*.json"))
-CPU_PLAN = {"gpu": False, "torch_tag": "cpu"}
 
 
-def build_py(spec: dict) -> dict:
+
+def build_py(spec: dict) -> PythonPlan:
     args = spec.get("args", {})
     s = settings_for(FakeDataHost(HOST, args.get("s", {})))
-    plan = build_plan(args["plan"]) if "plan" in args else dict(CPU_PLAN)
+    plan = build_plan(args["plan"]) if "plan" in args else GpuPlan()
     return python_plan(s, plan)
 
 
@@ -55,9 +56,13 @@ def expand(value):
 def run_spec(spec: dict):
     py = build_py(spec)
     for key, value in spec.get("py_expect", {}).items():
-        assert py.get(key) == value, f"python plan[{key!r}] = {py.get(key)!r}"
+        assert getattr(py, key) == value, f"python plan.{key} = {getattr(py, key)!r}"
     facts = {k: expand(v) for k, v in spec.get("facts", {}).items()}
-    return run_op(getattr(pyenv, spec["op"].split(".")[1]), {"py": py}, HOST, facts,
+    op = getattr(pyenv, spec["op"].split(".")[1])
+    # conda takes the installer's values and the install directory, the others the plan.
+    args = ({"install_dir": py.install_dir, **{k: v for k, v in vars(py.conda).items() if k != "installer"}}
+            if op is pyenv.conda else {"py": py})
+    return run_op(op, args, HOST, facts,
                   executing=spec.get("executing", False), fail_in=[pyenv], catch="raises" in spec)
 
 

@@ -4,12 +4,13 @@ setting and fix; the plan picks Python, torch build and index from the GPU plan.
 import pytest
 
 from operations.pyplan import lock_path, python_data, python_plan, read_lock, tag_cuda
-from operations.resolver import resolve
-from operations.settings import SettingError, load_toml, settings_for
+from operations.resolver import GpuPlan, resolve
+from operations.checks import settings_for
+from operations.settings import SettingError, load_toml
 from tests.test_gpu_specs import GPUS, FakeDataHost
 
 HOST = "py-test"
-CPU = {"gpu": False, "torch_tag": "cpu"}
+CPU = GpuPlan()
 
 
 def settings(**data):
@@ -30,13 +31,13 @@ def error(**data) -> str:
 
 def test_defaults_are_conda_with_the_newest_python_lock_and_torch_share():
     py = python_plan(settings(), CPU)
-    assert py["backend"] == "conda" and py["python_version"] == "3.11"
-    assert py["env"] == "/opt/chatglm/conda/envs/chatglm" and py["python"].endswith("/bin/python")
-    assert py["torch"] == "2.13.0+cpu" and py["torch_index"] == "https://download.pytorch.org/whl/cpu"
-    assert py["conda"]["installer"] == "miniforge" and py["conda"]["channels"] == ["conda-forge"]
-    assert py["conda"]["url"].endswith("Miniforge3-24.11.3-0-Linux-x86_64.sh")
-    assert not [l for l in py["lock_text"].splitlines() if l.startswith("torch")]
-    assert "transformers" in py["pins"]
+    assert py.backend == "conda" and py.python_version == "3.11"
+    assert py.env == "/opt/chatglm/conda/envs/chatglm" and py.python.endswith("/bin/python")
+    assert py.torch == "2.13.0+cpu" and py.torch_index == "https://download.pytorch.org/whl/cpu"
+    assert py.conda.installer == "miniforge" and py.conda.channels == ["conda-forge"]
+    assert py.conda.url.endswith("Miniforge3-24.11.3-0-Linux-x86_64.sh")
+    assert not [l for l in py.lock_text.splitlines() if l.startswith("torch")]
+    assert "transformers" in py.pins
 
 
 @pytest.mark.parametrize("cuda,torch", [("11.8", "2.7.1+cu118"), ("12.1", "2.5.1+cu121"),
@@ -44,8 +45,8 @@ def test_defaults_are_conda_with_the_newest_python_lock_and_torch_share():
 def test_torch_build_follows_the_resolved_cuda(cuda, torch):
     py = python_plan(settings(cuda_version=cuda), plan_for(cuda_version=cuda))
     tag = "cu" + cuda.replace(".", "")
-    assert py["torch"] == torch and py["torch_index"].endswith(f"/whl/{tag}")
-    assert py["torch_deps"] is True and py["expect_cuda"] == cuda and py["gpu"] is True
+    assert py.torch == torch and py.torch_index.endswith(f"/whl/{tag}")
+    assert py.torch_deps is True and py.expect_cuda == cuda and py.gpu is True
 
 
 def test_every_torch_tag_of_the_compat_table_has_a_build():
@@ -59,7 +60,7 @@ def test_every_torch_tag_of_the_compat_table_has_a_build():
 def test_cuda_117_torch_limits_the_conda_python():
     # torch 2.0.1 (cu117) has wheels up to 3.11 only; the lock is 3.11: still 3.11.
     py = python_plan(settings(cuda_version="11.7"), plan_for("ubuntu-20.04", "A100", cuda_version="11.7"))
-    assert py["torch"] == "2.0.1+cu117" and py["python_version"] == "3.11"
+    assert py.torch == "2.0.1+cu117" and py.python_version == "3.11"
 
 
 def test_lock_files_in_the_repo():
@@ -78,8 +79,8 @@ def test_py312_system_torch_plan():
     s = settings(python_backend="venv", requirements="chatglm-py312-system-torch",
                  venv_system_site_packages=True)
     py = python_plan(s, plan_for("ubuntu-24.04"))
-    assert py["torch"] is None and py["system_site_packages"] and py["pythons"] == ["3.12"]
-    assert py["env"] == "/opt/chatglm/venv" and py["expect_cuda"] == "13.0"
+    assert py.torch is None and py.system_site_packages and py.pythons == ["3.12"]
+    assert py.env == "/opt/chatglm/venv" and py.expect_cuda == "13.0"
 
 
 def test_mirrors_and_installer_overrides():
@@ -89,11 +90,11 @@ def test_mirrors_and_installer_overrides():
                  conda_installer_url="https://mirrors.tuna.tsinghua.edu.cn/github-release/"
                  "conda-forge/miniforge/LatestRelease/Miniforge3-24.11.3-0-Linux-x86_64.sh")
     py = python_plan(s, CPU)
-    assert py["conda"]["mirror"] == "https://mirrors.tuna.tsinghua.edu.cn/anaconda"
-    assert py["conda"]["sha256"] == python_data()["conda"]["installers"]["miniforge"]["sha256"]
-    assert py["torch_index"] == "https://mirror.example/whl/cpu" and py["trusted_host"] == ""
+    assert py.conda.mirror == "https://mirrors.tuna.tsinghua.edu.cn/anaconda"
+    assert py.conda.sha256 == python_data()["conda"]["installers"]["miniforge"]["sha256"]
+    assert py.torch_index == "https://mirror.example/whl/cpu" and py.trusted_host == ""
     http = python_plan(settings(pip_index_url="http://10.0.0.5:3141/root/pypi/+simple/"), CPU)
-    assert http["trusted_host"] == "10.0.0.5"
+    assert http.trusted_host == "10.0.0.5"
 
 
 @pytest.mark.parametrize("data,words", [
@@ -132,12 +133,12 @@ def test_an_absolute_lock_path(tmp_path):
     lock = tmp_path / "mine.txt"
     lock.write_text("# python: 3.11\ntorch==2.13.0\nidna==3.10\n")
     py = python_plan(settings(requirements=str(lock)), CPU)
-    assert py["pins"] == {"idna": "3.10"} and py["torch"] == "2.13.0+cpu"
+    assert py.pins == {"idna": "3.10"} and py.torch == "2.13.0+cpu"
     lock.write_text("# nothing pinned\n")
     assert "pins no package" in error(requirements=str(lock))
 
 
 def test_a_cuda_tag_missing_from_the_torch_table():
     with pytest.raises(SettingError) as info:
-        python_plan(settings(), {"gpu": True, "torch_tag": "cu999", "cuda": "99.9"})
+        python_plan(settings(), GpuPlan(gpu=True, torch_tag="cu999", cuda="99.9"))
     assert "cu999" in str(info.value) and "data/python.toml" in str(info.value)

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from operations.resolver import os_key, resolve, version_tuple
-from operations.settings import STAGES, SettingError, load_toml, settings_for, source_for
+from operations.resolver import GpuPlan, resolve, version_tuple
+from operations.checks import settings_for
+from operations.settings import STAGES, SettingError, load_toml, source_for
 
 HOST = "gpu-node-7"
 H100 = {"name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559, "compute_cap": "9.0"}
@@ -47,18 +48,17 @@ def host_with(**data):
 
 def test_h100_on_ubuntu_2404_gets_cuda_13_branch_580():
     plan = plan_for([H100], "ubuntu-24.04")
-    assert plan == {
-        "gpu": True, "cuda": "13.0", "min_driver": "580.65.06", "driver_branch": "580",
-        "keep_driver": False, "cudnn": "libcudnn9-cuda-13", "torch_tag": "cu130",
-        "repo_distro": "ubuntu2404",
-    }
+    assert plan == GpuPlan(
+        gpu=True, cuda="13.0", min_driver="580.65.06", driver_branch="580",
+        keep_driver=False, cudnn="libcudnn9-cuda-13", torch_tag="cu130",
+        repo_distro="ubuntu2404")
 
 
 def test_ampere_on_debian_11_default():
     plan = plan_for([A10], "debian-11")
-    assert (plan["cuda"], plan["driver_branch"], plan["torch_tag"], plan["repo_distro"]) == \
+    assert (plan.cuda, plan.driver_branch, plan.torch_tag, plan.repo_distro) == \
         ("12.4", "550", "cu124", "debian11")
-    assert plan["cudnn"] == "libcudnn9-cuda-12" and not plan["keep_driver"]
+    assert plan.cudnn == "libcudnn9-cuda-12" and not plan.keep_driver
 
 
 @pytest.mark.parametrize("os_id, repo, cuda", [
@@ -67,8 +67,8 @@ def test_ampere_on_debian_11_default():
     ("debian-12", "debian12", "13.0")])
 def test_default_per_os(os_id, repo, cuda):
     plan = plan_for([H100], os_id)
-    assert (plan["repo_distro"], plan["cuda"]) == (repo, cuda)
-    assert plan["driver_branch"] == COMPAT["cuda"][cuda]["branch"]
+    assert (plan.repo_distro, plan.cuda) == (repo, cuda)
+    assert plan.driver_branch == COMPAT["cuda"][cuda]["branch"]
 
 
 def test_h100_with_cuda_117_is_refused():
@@ -79,7 +79,7 @@ def test_h100_with_cuda_117_is_refused():
 def test_the_newest_arch_of_several_gpus_decides():
     message = error_of(plan_for, [T4, H100], "ubuntu-22.04", cuda_version="11.7")
     assert_names(message, "cuda_version", H100["name"], "11.8")
-    assert plan_for([T4, H100], "ubuntu-22.04", cuda_version="11.8")["cuda"] == "11.8"
+    assert plan_for([T4, H100], "ubuntu-22.04", cuda_version="11.8").cuda == "11.8"
 
 
 def test_unknown_cuda_version():
@@ -98,13 +98,13 @@ def test_driver_branch_older_than_the_toolkit_needs():
 
 
 def test_driver_branch_pin_given_as_number():
-    assert plan_for([H100], "ubuntu-24.04", driver_branch=590)["driver_branch"] == "590"
+    assert plan_for([H100], "ubuntu-24.04", driver_branch=590).driver_branch == "590"
     assert_names(error_of(plan_for, [H100], "ubuntu-24.04", driver_branch=535), "driver_branch")
 
 
 def test_pinned_driver_branch_new_enough_is_used():
     plan = plan_for([A10], "ubuntu-22.04", cuda_version="12.4", driver_branch="570")
-    assert (plan["cuda"], plan["driver_branch"], plan["keep_driver"]) == ("12.4", "570", False)
+    assert (plan.cuda, plan.driver_branch, plan.keep_driver) == ("12.4", "570", False)
 
 
 @pytest.mark.parametrize("os_id", ["centos-7", "ubuntu-18.04", "debian-13", ""])
@@ -130,62 +130,58 @@ def test_gpu_too_new_for_every_cuda_the_os_packages():
     assert_names(error_of(plan_for, [B200], "debian-11", cuda_version="12.4"), "os",
                  "carries CUDA up to 12.4")
     # An OS that carries CUDA new enough resolves.
-    assert plan_for([B200], "ubuntu-22.04")["cuda"] == "13.0"
+    assert plan_for([B200], "ubuntu-22.04").cuda == "13.0"
 
 
 def test_installed_driver_that_satisfies_is_kept():
     plan = plan_for([H100], "ubuntu-24.04", installed_driver="580.82.07")
-    assert plan["keep_driver"] is True
-    assert plan["driver_branch"] == "580"
+    assert plan.keep_driver is True
+    assert plan.driver_branch == "580"
 
 
 def test_installed_newer_driver_is_never_downgraded():
     # Default branch for CUDA 12.4 is 550; a 570 driver is kept, not replaced by 550.
     plan = plan_for([A10], "debian-11", installed_driver="570.133.20")
-    assert (plan["keep_driver"], plan["driver_branch"]) == (True, "570")
+    assert (plan.keep_driver, plan.driver_branch) == (True, "570")
     # Nor by a lower pinned branch that would itself be new enough.
     plan = plan_for([A10], "debian-11", installed_driver="580.65.06", driver_branch="550")
-    assert (plan["keep_driver"], plan["driver_branch"]) == (True, "580")
+    assert (plan.keep_driver, plan.driver_branch) == (True, "580")
 
 
 def test_installed_driver_too_old_is_replaced():
     plan = plan_for([H100], "ubuntu-24.04", installed_driver="535.247.01")
-    assert (plan["keep_driver"], plan["driver_branch"]) == (False, "580")
+    assert (plan.keep_driver, plan.driver_branch) == (False, "580")
     # Same branch but below the toolkit's minimum: not kept either.
     plan = plan_for([H100], "ubuntu-24.04", installed_driver="580.65.05")
-    assert (plan["keep_driver"], plan["driver_branch"]) == (False, "580")
+    assert (plan.keep_driver, plan.driver_branch) == (False, "580")
 
 
 def test_exact_minimum_driver_is_kept():
     # ubuntu-22.04 defaults to CUDA 13.0 now: pin 12.8 to test its minimum (570.26).
     plan = plan_for([H100], "ubuntu-22.04", installed_driver="570.26", cuda_version="12.8")
-    assert plan["cuda"] == "12.8" and plan["keep_driver"] is True
-    assert plan["driver_branch"] == "570"
+    assert plan.cuda == "12.8" and plan.keep_driver is True
+    assert plan.driver_branch == "570"
     plan = plan_for([H100], "ubuntu-22.04", installed_driver="580.65.06")
-    assert (plan["cuda"], plan["keep_driver"], plan["driver_branch"]) == ("13.0", True, "580")
+    assert (plan.cuda, plan.keep_driver, plan.driver_branch) == ("13.0", True, "580")
     # Unpinned, 570.26 is below CUDA 13.0's minimum: replaced by branch 580.
     plan = plan_for([H100], "ubuntu-22.04", installed_driver="570.26")
-    assert (plan["cuda"], plan["keep_driver"], plan["driver_branch"]) == ("13.0", False, "580")
+    assert (plan.cuda, plan.keep_driver, plan.driver_branch) == ("13.0", False, "580")
 
 
 def test_cpu_only_host():
-    assert plan_for([], "ubuntu-24.04") == {"gpu": False, "torch_tag": "cpu"}
+    assert plan_for([], "ubuntu-24.04") == GpuPlan()
     # No GPU: the OS does not matter, nothing of the GPU stack is planned.
-    assert plan_for([], "centos-7") == {"gpu": False, "torch_tag": "cpu"}
+    assert plan_for([], "centos-7") == GpuPlan()
 
 
 def test_cudnn_pin_wins():
     plan = plan_for([H100], "ubuntu-22.04", cuda_version="12.1", cudnn="libcudnn8=8.9.7.29-1+cuda12.2")
-    assert plan["cudnn"] == "libcudnn8=8.9.7.29-1+cuda12.2" and plan["torch_tag"] == "cu121"
+    assert plan.cudnn == "libcudnn8=8.9.7.29-1+cuda12.2" and plan.torch_tag == "cu121"
 
 
-def test_version_tuple_and_os_key():
+def test_version_tuple():
     assert version_tuple("580.65.06") == (580, 65, 6)
     assert version_tuple("570.26") > version_tuple("570.133")[:1]
-    assert os_key({"name": "Ubuntu", "major": 22, "minor": 4,
-                   "release_meta": {"ID": "ubuntu"}}) == "ubuntu-22.04"
-    assert os_key({"name": "Debian", "major": 12, "minor": None,
-                   "release_meta": {"ID": "debian"}}) == "debian-12"
 
 
 # ---------------------------------------------------------------- data/compat.toml
@@ -234,8 +230,8 @@ GPUS_BY_NAME = {"V100": V100, "P100": P100, "T4": T4, "H100": H100}
 @pytest.mark.parametrize("os_id", sorted(COMPAT["os"]))
 def test_unpinned_hosts_get_the_newest_stack_that_runs_on_their_gpu(gpu, os_id):
     plan = plan_for([GPUS_BY_NAME[gpu]], os_id)
-    assert plan["cuda"] == NEWEST_THAT_RUNS[gpu][os_id]
-    archs = load_toml("python.toml")["torch"]["builds"][plan["torch_tag"]]["archs"]
+    assert plan.cuda == NEWEST_THAT_RUNS[gpu][os_id]
+    archs = load_toml("python.toml")["torch"]["builds"][plan.torch_tag]["archs"]
     from operations.resolver import runs_on
     assert runs_on(archs, GPUS_BY_NAME[gpu]["compute_cap"])
 
@@ -254,7 +250,7 @@ def test_each_packaged_cuda_pinned_runs_or_says_why_and_what_would(gpu, os_id):
             assert_names(message, "cuda_version", f"= {cuda!r} cannot run here",
                          f"set cuda_version to {NEWEST_THAT_RUNS[gpu][os_id]}, the newest that runs here")
         else:
-            assert plan_for([card], os_id, cuda_version=cuda)["cuda"] == cuda
+            assert plan_for([card], os_id, cuda_version=cuda).cuda == cuda
 
 
 def test_v100_pins_say_exactly_why():
@@ -270,8 +266,8 @@ def test_v100_pins_say_exactly_why():
 
 
 def test_a_mixed_host_gets_what_runs_on_every_gpu():
-    assert plan_for([H100, V100], "ubuntu-22.04")["cuda"] == "12.4"
-    assert plan_for([H100, T4], "ubuntu-22.04")["cuda"] == "13.0"
+    assert plan_for([H100, V100], "ubuntu-22.04").cuda == "12.4"
+    assert plan_for([H100, T4], "ubuntu-22.04").cuda == "13.0"
 
 
 def test_runs_on_follows_the_major_version():
@@ -342,6 +338,14 @@ def test_good_mirror_urls_pass():
 def test_unknown_stage():
     message = error_of(settings_for, host_with(stages="gpu,modle"))
     assert_names(message, "stages", "modle", "cuda_libs")
+
+
+@pytest.mark.parametrize("stage", ["kernel", "smoke", "serve"])
+def test_a_stage_on_the_model_checkout_alone_says_it_needs_model(stage):
+    """Selected without the model stage it would do nothing: the run stops instead."""
+    message = error_of(settings_for, host_with(stages=f"gpu,{stage}"))
+    assert_names(message, "stages", f"runs '{stage}' without 'model'", "add 'model' to stages")
+    assert settings_for(host_with(stages=f"model,{stage}")).stage_list == ["model", stage]
 
 
 @pytest.mark.parametrize("stages", ["", " ", ",", " , "])

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from facts import serve as serve_facts
 from operations import serve
-from operations.settings import SettingError, Settings, settings_for
+from operations.checks import settings_for
+from operations.settings import SettingError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,7 +134,7 @@ def test_unit_is_hardened_and_drains():
 
 
 def test_port_holders_fact_output():
-    fact = serve.PortHolders()
+    fact = serve_facts.PortHolders()
     seen = fact.process(["systemd=yes", "listening=yes", "holder 42 other python3 -m http.server 8000 ",
                          "holder 7 ours /opt/chatglm/venv/bin/python -m runtime.server"])
     assert seen == {"systemd": True, "listening": True,

@@ -254,7 +254,7 @@ def test_a_port_in_use_fails_the_host_before_anything_changes(lab):
         assert run.returncode != 0
         assert "port 8000 (setting 'serve_port') is in use by pid" in run.stdout, run.stdout[-3000:]
         assert "python3 -m http.server 8000" in run.stdout and "Fix:" in run.stdout
-        assert "Starting operation: System: base packages" not in run.stdout
+        assert "Starting operation: System | base packages" not in run.stdout
         assert lab.ssh("h31", "ls -a /opt; dpkg -l | wc -l; getent passwd chatglm", check=False).stdout == before
     finally:
         lab.ssh("h31", "systemctl stop squatter", check=False)

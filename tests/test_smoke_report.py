@@ -2,6 +2,7 @@
 rendered script run for real on a fixture model, the report from results and failures,
 and the callback that finds a failed host's stage and error in pyinfra's state."""
 
+import functools
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 from pyinfra.api.operation import OperationMeta
 from pyinfra.connectors.util import CommandOutput, OutputLine
 
+from facts import smoke as smoke_facts
 from operations import report, smoke
 from operations.settings import ROOT, Settings, load_toml
 
@@ -96,7 +98,7 @@ def test_smoke_script_records_warnings_and_a_revision_warning(tmp_path, fp16_che
 
 
 def test_model_files_fact_changes_when_a_model_file_changes(tmp_path):
-    fact = smoke.ModelFiles()
+    fact = smoke_facts.ModelFiles()
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / ".git").mkdir()
 
@@ -114,7 +116,8 @@ def test_model_files_fact_changes_when_a_model_file_changes(tmp_path):
                              text=True)
     assert fact.process(missing.stdout.splitlines()) == ""
     s = Settings(host="h")
-    assert smoke.smoke_key(s, "int4", "a" * 40, "cpu", "x") != smoke.smoke_key(s, "int4", "a" * 40, "cpu", "y")
+    key = functools.partial(smoke.smoke_key, s.requirements, s.smoke_max_new_tokens, "int4", "a" * 40, "cpu")
+    assert key("x") != key("y")
 
 
 def test_error_text_prefers_error_lines_then_output_then_logs():

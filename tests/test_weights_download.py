@@ -23,7 +23,8 @@ import pytest
 
 from lab.pyindex import StaticServer
 from lab.seafile import SeafileStandIn
-from operations.model import FETCH, STAMPS
+from operations.model import FETCH
+from operations.settings import VERIFIED
 from runtime import fetch as fetcher
 
 TOKEN = "674208019e314311ab5c"
@@ -93,7 +94,7 @@ def write_job(tmp, mode, source, files, folder=FOLDER) -> Path:
     model_dir.mkdir(exist_ok=True)
     job = tmp / "job.json"
     job.write_text(json.dumps({"mode": mode, "source": source, "folder": folder,
-                               "model_dir": str(model_dir), "stamps": STAMPS, "files": files,
+                               "model_dir": str(model_dir), "stamps": VERIFIED, "files": files,
                                "attempts": 6}))
     return job
 
@@ -118,7 +119,7 @@ def run_host(seaf, tmp, data, size=SIZE, partial=b"", name=NAME, mirror=None, fs
     errors = [l[len("ERROR: "):] for l in proc.stderr.splitlines() if l.startswith("ERROR: ")]
     assert (proc.returncode == 0) == (not errors), proc.stderr
     placed = (model_dir / name).read_bytes()
-    stamp = model_dir / STAMPS / name
+    stamp = model_dir / VERIFIED / name
     if proc.returncode == 0:
         assert stamp.read_text().strip() == oid
     else:
