@@ -228,9 +228,15 @@ def kernels(s: Settings, hp: HostPlan) -> list[OperationMeta]:
     return changing
 
 
+def wants_smoke(s: Settings) -> bool:
+    return "smoke" in s.stage_list and s.smoke_test
+
+
 @deploy("Smoke")
 def smoke_test(s: Settings, hp: HostPlan) -> None:
-    if "smoke" not in s.stage_list or not s.smoke_test:
+    """The in-process chat test, for hosts that do not serve: a served host holds the same
+    conversation with its service (Serve stage), so that what is verified is what clients use."""
+    if not wants_smoke(s) or "serve" in s.stage_list:
         return
     smoke.run(name="chat test", install_dir=s.install_dir, python=f"{s.venv}/bin/python",
               requirements=s.requirements, max_new_tokens=s.smoke_max_new_tokens,
@@ -263,7 +269,7 @@ def serving(s: Settings, hp: HostPlan, changing: list[OperationMeta]) -> None:
     result = f"{s.install_dir}/serve/ready.json"
     serve.ready(name="ready on /health, the smoke conversation through the API", s=s,
                 fingerprint=planned["fingerprint"], result_path=result, model_dir=hp.model_dir,
-                changing=restart, chat=s.smoke_test)
+                changing=restart, chat=wants_smoke(s))
     serve.fetch_key(name="bring the API key back", s=s,
                     local_path=str(report_dir / "keys" / f"{host.name}.key"))
     serve.fetch_result(name="fetch result", s=s, result_path=result,

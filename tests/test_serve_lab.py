@@ -165,7 +165,7 @@ def test_deploy_runs_a_hardened_enabled_service_and_a_rerun_changes_nothing(lab,
     assert "## Serving" in fleet and "| h30 | http://127.0.0.1:8000 | ready |" in fleet
     # That conversation is the smoke test of a served host: no in-process test ran beside it,
     # and the report's row has its figures (memory and versions from the server's /health).
-    assert "Smoke: chat test" not in out and lab.ssh("h30", "test ! -e /opt/chatglm/smoke", check=False).returncode == 0
+    assert "Smoke | chat test" not in out and lab.ssh("h30", "test ! -e /opt/chatglm/smoke", check=False).returncode == 0
     row = next(line for line in fleet.splitlines() if line.startswith("| h30 | int4 | cpu |"))
     assert row.endswith("| ok (through the service) |") and "| - | - |" not in row, row
     assert result["health"]["peak_rss_gb"] > 0 and result["health"]["versions"]["torch"]
