@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import FunctionCommand, StringCommand, operation
-from pyinfra.api.command import FileUploadCommand
+from pyinfra.api.command import FileUploadCommand, QuoteString
 from pyinfra.facts.files import Sha1File
 from pyinfra.operations import files, server, systemd
 
@@ -29,11 +29,13 @@ from facts.serve import (CONFIG_DIR, FINGERPRINT, KEY, UNIT, UNIT_PATH, PortHold
                          ServeState)
 from facts.smoke import ModelFiles
 
-from .common import TEMPLATES, fail, render
+from .common import TEMPLATES, fail, render, text_of
 from .settings import DATA, ROOT, Settings, SettingError, load_toml
 
 CONFIG = f"{CONFIG_DIR}/server.toml"
 STATE_DIR = "/var/lib/chatglm"  # the service's only writable place (its home, HF module cache)
+TRITON_CACHE = f"{STATE_DIR}/triton"  # the unit's TRITON_CACHE_DIR
+WARM_STAMP = f"{TRITON_CACHE}/chatglm-warm.key"
 RUNTIME = ROOT / "runtime"
 BACKENDS = ("auto", "engine", "stream_chat")
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
@@ -145,6 +147,40 @@ def check_port(s: Settings):
         return
     host.noop(f"port {s.serve_port} is free" if not seen["listening"] else
               f"port {s.serve_port} is held by {UNIT} itself")
+
+
+def warm_key(bits: int, revision: str, torch: str | None, caps: list[str]) -> str:
+    """What the compiled engine kernels depend on: their source, the weight width, the model
+    (its shapes), the torch build (which brings Triton) and the GPU architectures."""
+    digest = hashlib.sha256((RUNTIME / "kernels.py").read_bytes())
+    digest.update(json.dumps([bits, revision, torch or "", sorted(caps)]).encode())
+    return digest.hexdigest()
+
+
+@operation()
+def warm_kernels(install_dir: str, python: str, user: str, config: str, bits: int, key: str):
+    """
+    Compile the generation engine's Triton kernels for this host's GPU and the model's shapes
+    into the service's Triton cache, so that starting the server compiles nothing (Triton
+    builds each kernel, and a small launcher with gcc, on first use).
+
+    + install_dir: where runtime/ is (the server's working directory)
+    + python: the env's interpreter
+    + user: the service's user, who owns the cache
+    + config: the model's config.json, which gives the shapes
+    + bits: 4 or 8 for int4/int8 weights, 0 for fp16 (attention kernels only)
+    + key: warm_key() of this run; the kernels are built again when it changes
+    """
+    if (text_of(WARM_STAMP) or "").strip() == key:
+        host.noop(f"the engine's kernels in {TRITON_CACHE} are built for this GPU, model and engine")
+        return
+    yield StringCommand("install", "-d", "-o", user, "-g", user, "-m", "700", STATE_DIR, TRITON_CACHE)
+    yield StringCommand("cd", QuoteString(install_dir), "&&", "runuser", "-u", QuoteString(user), "--",
+                        "env", "PYTHONDONTWRITEBYTECODE=1", f"HOME={STATE_DIR}", f"TRITON_CACHE_DIR={TRITON_CACHE}",
+                        QuoteString(python), "-m", "runtime.kernels", "--warm", "--config", QuoteString(config),
+                        "--bits", QuoteString(str(bits) if bits else ""))
+    yield from files.put._inner(src=io.StringIO(key + "\n"), dest=WARM_STAMP, user=user, group=user,
+                                mode="600")
 
 
 @operation()

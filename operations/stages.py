@@ -256,6 +256,13 @@ def serving(s: Settings, hp: HostPlan, changing: list[OperationMeta]) -> None:
     where = dict(variant=hp.variant, model_dir=hp.model_dir, revision=hp.source["model_revision"],
                  device=hp.device)
     serve.install(name="user and server code", s=s)
+    if hp.device == "cuda" and s.serve_backend != "stream_chat":
+        bits = {"int4": 4, "int8": 8}.get(hp.variant, 0)
+        torch = hp.python.torch if hp.python else None
+        caps = [g["compute_cap"] for g in hp.gpu.gpus]
+        serve.warm_kernels(name="the engine's GPU kernels for this GPU and model", install_dir=s.install_dir,
+                           python=f"{s.venv}/bin/python", user=s.serve_user, config=f"{hp.model_dir}/config.json",
+                           bits=bits, key=serve.warm_key(bits, hp.source["model_revision"], torch, caps))
     serve.config(name="config", s=s, **where)
     serve.unit(name="systemd unit", s=s, **where)
     serve.api_key(name="API key", s=s)

@@ -223,3 +223,44 @@ def test_an_inventory_key_is_never_in_a_command():
     sha1 = serve._key_sha1(s)
     commands, fake, _ = run_op(serve.api_key, {"s": s}, "h1", {STATE: served_state("", key=f"{sha1} chatglm 600")})
     assert commands == [] and fake.noops
+
+
+WARM = dict(install_dir="/opt/chatglm", python="/opt/chatglm/venv/bin/python", user="chatglm",
+            config=f"{MODEL_DIR}/config.json", bits=4)
+
+
+def test_engine_kernels_are_built_once_per_gpu_model_and_engine():
+    key = serve.warm_key(4, "6c5205c4", "2.5.1+cu121", ["9.0"])
+    # Each thing the compiled kernels depend on gives another key.
+    assert len({key, serve.warm_key(8, "6c5205c4", "2.5.1+cu121", ["9.0"]),
+                serve.warm_key(4, "22906aeb", "2.5.1+cu121", ["9.0"]),
+                serve.warm_key(4, "6c5205c4", "2.6.0+cu124", ["9.0"]),
+                serve.warm_key(4, "6c5205c4", "2.5.1+cu121", ["8.0"])}) == 5
+    stamp = f"files.FileContents(path={serve.WARM_STAMP})"
+    commands, fake, _ = run_op(serve.warm_kernels, {**WARM, "key": key}, "h1", {stamp: [key]})
+    assert commands == [] and "built for this GPU" in fake.noops[0]
+    # A fresh host (or another key): the cache is made the service's, the kernels compiled as
+    # the service's user with the unit's cache, then the key kept.
+    commands, _, _ = run_op(serve.warm_kernels, {**WARM, "key": key}, "h1", {}, render=raw,
+                            fake_class=FreshFilesHost)
+    assert commands[0] == "install -d -o chatglm -g chatglm -m 700 /var/lib/chatglm /var/lib/chatglm/triton"
+    assert commands[1] == ("cd /opt/chatglm && runuser -u chatglm -- env PYTHONDONTWRITEBYTECODE=1 "
+                           "HOME=/var/lib/chatglm TRITON_CACHE_DIR=/var/lib/chatglm/triton "
+                           "/opt/chatglm/venv/bin/python -m runtime.kernels --warm "
+                           f"--config {MODEL_DIR}/config.json --bits 4")
+    upload = next(c for c in commands if isinstance(c, FileUploadCommand))
+    assert commands.index(upload) > 1 and upload.dest == serve.WARM_STAMP
+    assert upload.src.getvalue() == key + "\n"
+    # fp16: the attention kernels only.
+    commands, _, _ = run_op(serve.warm_kernels, {**WARM, "bits": 0, "key": key}, "h1", {}, render=raw,
+                            fake_class=FreshFilesHost)
+    assert commands[1].endswith("--bits ''")
+
+
+def test_kernels_cli_warms_attention_only_for_an_empty_bits_list(monkeypatch, capsys):
+    """The command the deploy runs for fp16 (--bits '') asks for no int kernels."""
+    kernels = pytest.importorskip("runtime.kernels", exc_type=ImportError)  # needs triton
+    asked = {}
+    monkeypatch.setattr(kernels, "warm", lambda **kw: asked.update(kw) or {})
+    kernels.main(["--warm", "--bits", ""])
+    assert asked["bits_list"] == ()
