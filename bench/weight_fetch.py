@@ -6,7 +6,7 @@
 For each size: a random file is shared by the stand-in on loopback; then, round after
 round, curl fetches it (-L follows the dl=1 redirect), the downloader (runtime/fetch.py)
 fetches it into a cache as the control machine does (weights_mode=control: imported in a
-process gevent has patched, as pyinfra's is, so it hashes in line and does not fsync), and
+process gevent has patched, as pyinfra's is: hashing on gevent's OS-thread pool, no fsync), and
 the same file run as a program with a job file fetches it over its LFS pointer as a host
 does (weights_mode=direct: hashing thread, fsync before the rename). The runs are
 interleaved (curl, control, host, curl, ...) so that the noise of a shared machine falls on
