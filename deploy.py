@@ -13,7 +13,7 @@ from pathlib import Path
 from pyinfra import host, inventory, logger, state
 
 from operations import (cuda_libs, factcache, gpu, gpu_kernels, hostlock, kernel, model, preflight,
-                        pyenv, pyplan, serve, smoke, system, tuning)
+                        pyenv, pyplan, serve, smoke, swarm, system, tuning)
 from operations.report import FleetReport, stop_on_signals
 from operations.settings import ROOT, settings_for, source_for
 from operations.system import HostResources
@@ -89,7 +89,8 @@ if serving:
     serve.check_port(name="Serve: systemd, and the port is free", s=s)
 
 if "system" in stages:
-    system.base_packages(name="System: base packages")
+    system.base_packages(name="System: base packages",
+                         extra=swarm.HOST_PACKAGES if s.weights_transfer == "swarm" else None)
 
 if "gpu" in stages and plan["gpu"]:
     gpu.secure_boot(name="GPU: Secure Boot check", plan=plan,

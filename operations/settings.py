@@ -76,6 +76,8 @@ class Settings:
     weights_mirror: str = ""
     weights_cache: str = "~/.cache/chatglm-deploy"
     weights_attempts: int = 6
+    weights_transfer: str = "push"
+    weights_swarm_address: str = ""
     cuda_version: str = ""
     driver_branch: str = ""
     cudnn: str = ""
@@ -216,6 +218,9 @@ def settings_for(host) -> Settings:
 
     check_settings(s)
     from .serve import check_settings as check_serve
+    from .swarm import check_settings as check_swarm
+
+    check_swarm(s)
 
     check_serve(s)
     for name in ("weights_share", "seafile_url", "weights_mirror", "code_url", "model_url",
