@@ -58,6 +58,11 @@ STALL_S = 120  # a host's download that gets no byte this long gives up (a rerun
 COMMON = ["--enable-dht=false", "--enable-dht6=false", "--bt-enable-lpd=false",
           "--enable-peer-exchange=false", "--disable-ipv6=true", "--enable-color=false",
           "--bt-tracker-interval=5", "--bt-max-peers=0", "--file-allocation=none"]
+# The control machine's aria2c: seeds the verified cache as it is (no piece check) for ever.
+SEED = COMMON + ["--seed-ratio=0.0", "--bt-seed-unverified=true", "--check-integrity=false",
+                 "--console-log-level=warn", "--summary-interval=0"]
+# A host's aria2c: checks what a cut download left, exits once complete.
+FETCH = COMMON + ["--seed-time=0", "--check-integrity=true", f"--bt-stop-timeout={STALL_S}"]
 logger = logging.getLogger("pyinfra")
 
 
@@ -149,10 +154,8 @@ class Swarm:
              "-w", str(whitelist)], cwd=run_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             start_new_session=True)
         self.procs["seeder"] = subprocess.Popen(
-            ["aria2c", *COMMON, f"--interface={self.address}", f"--listen-port={seed_port}",
-             "--seed-ratio=0.0", "--bt-seed-unverified=true", "--check-integrity=false",
-             f"--stop-with-process={os.getpid()}", "--console-log-level=warn",
-             "--summary-interval=0", "-d", str(run_dir), str(run_dir / "run.torrent")],
+            ["aria2c", *SEED, f"--interface={self.address}", f"--listen-port={seed_port}",
+             f"--stop-with-process={os.getpid()}", "-d", str(run_dir), str(run_dir / "run.torrent")],
             cwd=run_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         # Should this process be killed outright, the watcher ends both within a second.
         pids = " ".join(str(p.pid) for p in self.procs.values())
@@ -232,10 +235,8 @@ def host_script(model_dir: str, address: str) -> str:
     bound to the host's address towards the control machine, for this run only. Its exit
     codes become ERROR lines naming the path or the setting and the fix."""
     d = shlex.quote(staging(model_dir))
-    opts = " ".join(COMMON + ["--seed-time=0", "--check-integrity=true",
-                              f"--bt-stop-timeout={STALL_S}", "--summary-interval=5",
-                              "--console-log-level=warn", "--download-result=hide",
-                              "--show-console-readout=false"])
+    opts = " ".join(FETCH + ["--summary-interval=5", "--console-log-level=warn",
+                             "--download-result=hide", "--show-console-readout=false"])
     return (
         "command -v aria2c >/dev/null || { echo 'ERROR: aria2c is missing on this host. Fix: "
         "install the package aria2 (the system stage does when weights_transfer=swarm)' >&2; exit 1; }; "
