@@ -167,11 +167,12 @@ class Swarm:
             [sys.executable, str(WEBSEED), self.address, str(web_port),
              self.webseed.rstrip("/").rsplit("/", 1)[1], str(run_dir)],
             cwd=run_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        # Should this process be killed outright, the watcher ends them within a second.
+        # Should this process be killed outright, the watcher ends them within a second
+        # and removes the run's folder.
         pids = " ".join(str(p.pid) for p in self.procs.values())
         self.procs["watcher"] = subprocess.Popen(
             ["sh", "-c", f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; "
-                         f"kill {pids} 2>/dev/null"],
+                         f"kill {pids} 2>/dev/null; sleep 1; rm -rf {shlex.quote(str(run_dir))}"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
         log.close()
