@@ -115,18 +115,9 @@ def _free_port(address: str) -> int:
         return sock.getsockname()[1]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 class Swarm:
-    """The control side of one swarm: a torrent of some cache blobs, its tracker and seeder.
-
-    Started by the first host that needs it, stopped when the last one leaves (use())."""
+    """The control side of one swarm: a torrent of some cache blobs, its tracker, seeder and
+    web seed. Started by the first host that enters, stopped when the last one leaves."""
 
     def __init__(self, cache: Path, address: str, blobs: list):
         self.cache, self.address, self.blobs = cache, address, blobs
@@ -136,6 +127,13 @@ class Swarm:
         self.info_hash = self.webseed = ""
 
     def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         run_dir = Path(tempfile.mkdtemp(prefix="chatglm-swarm-"))
         self.run_dir = run_dir
         # opentracker drops to user nobody before it reads its whitelist.
@@ -147,7 +145,8 @@ class Swarm:
         pieces = torrent.pieces_cached(str(self.cache / "blobs"), self.blobs,
                                        str(self.cache / "swarm"))
         tracker_port, seed_port, web_port = (_free_port(self.address) for _ in range(3))
-        self.webseed = f"http://{self.address}:{web_port}/{secrets.token_urlsafe(16)}/"
+        token = secrets.token_urlsafe(16)
+        self.webseed = f"http://{self.address}:{web_port}/{token}/"
         self.torrent, self.info_hash = torrent.make(
             "blobs", self.blobs, pieces, f"http://{self.address}:{tracker_port}/announce")
         (run_dir / "run.torrent").write_bytes(self.torrent)
@@ -164,8 +163,7 @@ class Swarm:
              f"--stop-with-process={os.getpid()}", "-d", str(run_dir), str(run_dir / "run.torrent")],
             cwd=run_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         self.procs["webseed"] = subprocess.Popen(
-            [sys.executable, str(WEBSEED), self.address, str(web_port),
-             self.webseed.rstrip("/").rsplit("/", 1)[1], str(run_dir)],
+            [sys.executable, str(WEBSEED), self.address, str(web_port), token, str(run_dir)],
             cwd=run_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         # Should this process be killed outright, the watcher ends them within a second
         # and removes the run's folder.
@@ -181,8 +179,7 @@ class Swarm:
             dead = [n for n, p in self.procs.items() if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 tail = (run_dir / "log").read_text(errors="replace")[-600:]
-                self.stop()
-                raise OSError(f"the swarm's {', '.join(dead) or 'tracker/seeder'} did not start "
+                raise OSError(f"the swarm's {', '.join(dead) or 'servers'} did not start "
                               f"on {self.address}: {tail.strip()}")
             time.sleep(0.1)
 
@@ -194,7 +191,8 @@ class Swarm:
             return False
 
     def stop(self) -> None:
-        """End the tracker, the seeder and the watcher (by PID) and remove the run's folder."""
+        """End the tracker, the seeder, the web seed and the watcher (by PID) and remove the
+        run's folder."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
