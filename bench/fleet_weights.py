@@ -165,8 +165,16 @@ def swarm_round(net: Net, n: int, blob: Path, pieces: bytes, work: Path) -> floa
                                  "-d", dirs[i - 1], "-T", work / "run.torrent",
                                  f"http://{CONTROL}:{WEB_PORT}/t0ken/"], work / f"aria2-{i}.log")
              for i in range(1, n + 1)]
-    codes = [h.wait() for h in hosts]
+    done = {}
+    while len(done) < n:
+        for i, h in enumerate(hosts):
+            if i not in done and h.poll() is not None:
+                done[i] = time.perf_counter() - t
+        time.sleep(0.05)
+    codes = [h.returncode for h in hosts]
     elapsed = time.perf_counter() - t
+    print(f"  swarm {n}: hosts done at " + " ".join(f"{s:.1f}" for s in sorted(done.values())),
+          flush=True)
     for proc in (seeder, tracker, webseed):
         net.stop(proc)
     check(codes, [d / "blobs" for d in dirs], blob, "swarm")
