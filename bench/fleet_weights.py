@@ -13,8 +13,7 @@ transfer itself, with the exact aria2c/opentracker options the deploy's swarm mo
 
 - push: the control machine serves the file over HTTP and every host fetches it with curl at
   once, which is the best any push can do: all bytes leave through the control's link;
-- swarm: opentracker, a seeding aria2c and the web seed on the control machine, one aria2c
-  per host.
+- swarm: opentracker and a seeding aria2c on the control machine, one aria2c per host.
 
 Per N: both times, and as ratios: swarm(N)/swarm(1) (target <= 1.5), push and swarm against
 the two bounds, N x size / link (a push) and ceil(log2(N+1)) x size / link (a fan-out tree where
@@ -43,7 +42,7 @@ from runtime import torrent  # noqa: E402
 PREFIX = "fw18"  # namespaces fw18-sw (the bridge), fw18-c (control), fw18-h<i>
 NET = "198.18.0"
 CONTROL = f"{NET}.1"
-TRACKER_PORT, SEED_PORT, HTTP_PORT, WEB_PORT = 6969, 6881, 8080, 8081
+TRACKER_PORT, SEED_PORT, HTTP_PORT = 6969, 6881, 8080
 
 
 def sh(*argv, ns=None, check=True, **kw):
@@ -154,16 +153,13 @@ def swarm_round(net: Net, n: int, blob: Path, pieces: bytes, work: Path) -> floa
     seeder = net.start(node(0), ["aria2c", *swarm.SEED, f"--interface={CONTROL}",
                                  f"--listen-port={SEED_PORT}", "-d", work / "seed",
                                  work / "run.torrent"], work / "seeder.log")
-    webseed = net.start(node(0), [sys.executable, swarm.WEBSEED, CONTROL, WEB_PORT, "t0ken",
-                                  work / "seed"], work / "webseed.log")
-    for port in (TRACKER_PORT, SEED_PORT, WEB_PORT):
+    for port in (TRACKER_PORT, SEED_PORT):
         wait_port(node(0), port)
     dirs = [work / f"h{i}" for i in range(1, n + 1)]
     t = time.perf_counter()
     hosts = [net.start(node(i), ["aria2c", *swarm.FETCH, f"--interface={NET}.{i + 1}",
                                  "--summary-interval=0", "--console-log-level=warn",
-                                 "-d", dirs[i - 1], "-T", work / "run.torrent",
-                                 f"http://{CONTROL}:{WEB_PORT}/t0ken/"], work / f"aria2-{i}.log")
+                                 "-d", dirs[i - 1], work / "run.torrent"], work / f"aria2-{i}.log")
              for i in range(1, n + 1)]
     done = {}
     while len(done) < n:
@@ -175,7 +171,7 @@ def swarm_round(net: Net, n: int, blob: Path, pieces: bytes, work: Path) -> floa
     elapsed = time.perf_counter() - t
     print(f"  swarm {n}: hosts done at " + " ".join(f"{s:.1f}" for s in sorted(done.values())),
           flush=True)
-    for proc in (seeder, tracker, webseed):
+    for proc in (seeder, tracker):
         net.stop(proc)
     check(codes, [d / "blobs" for d in dirs], blob, "swarm")
     return elapsed

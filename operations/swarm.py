@@ -12,9 +12,7 @@ What runs, and for how long (docs/swarm.md):
 
 - on the control machine, while at least one host of the run is fetching: opentracker, admitting
   only this run's info-hash (the torrent carries a random nonce, so the hash is new each run),
-  an aria2c seeding the cache's blobs, and the cache as an HTTP web seed under a random path
-  (runtime/webseed.py: a host starts at once at full speed from it, before the swarm's first
-  choke round lets pieces flow); all three bind only to the address the hosts' SSH
+  and an aria2c seeding the cache's blobs; both bind only to the address the hosts' SSH
   connections reach this machine at (or weights_swarm_address). The last host to finish stops
   them (by PID); so do the end of the deploy, an exception, and, should the deploy be killed,
   a watcher process that outlives it by at most a second;
@@ -38,8 +36,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import secrets
-import sys
 import threading
 import time
 from io import BytesIO
@@ -59,7 +55,6 @@ HOST_PACKAGES = ["aria2", "iproute2"]  # iproute2: `ip route get` finds the host
 FOLDER = ".chatglm-swarm"  # under the model checkout, beside the pointers it replaces
 STALL_S = 120  # a host's download that gets no byte this long gives up (a rerun resumes it)
 # aria2c's options on both sides: peers from the tracker only, IPv4 on the one address.
-WEBSEED = Path(__file__).resolve().parent.parent / "runtime" / "webseed.py"
 COMMON = ["--enable-dht=false", "--enable-dht6=false", "--bt-enable-lpd=false",
           "--enable-peer-exchange=false", "--disable-ipv6=true", "--enable-color=false",
           "--bt-tracker-interval=5", "--bt-max-peers=0", "--file-allocation=none"]
@@ -116,15 +111,15 @@ def _free_port(address: str) -> int:
 
 
 class Swarm:
-    """The control side of one swarm: a torrent of some cache blobs, its tracker, seeder and
-    web seed. Started by the first host that enters, stopped when the last one leaves."""
+    """The control side of one swarm: a torrent of some cache blobs, its tracker and seeder.
+    Started by the first host that enters, stopped when the last one leaves."""
 
     def __init__(self, cache: Path, address: str, blobs: list):
         self.cache, self.address, self.blobs = cache, address, blobs
         self.lock = threading.Lock()  # gevent's under pyinfra's CLI: one start at a time
         self.users, self.procs, self.run_dir = 0, {}, None
         self.torrent = b""
-        self.info_hash = self.webseed = ""
+        self.info_hash = ""
 
     def start(self) -> None:
         try:
@@ -144,9 +139,7 @@ class Swarm:
             (seed / oid).symlink_to(self.cache / "blobs" / oid)
         pieces = torrent.pieces_cached(str(self.cache / "blobs"), self.blobs,
                                        str(self.cache / "swarm"))
-        tracker_port, seed_port, web_port = (_free_port(self.address) for _ in range(3))
-        token = secrets.token_urlsafe(16)
-        self.webseed = f"http://{self.address}:{web_port}/{token}/"
+        tracker_port, seed_port = _free_port(self.address), _free_port(self.address)
         self.torrent, self.info_hash = torrent.make(
             "blobs", self.blobs, pieces, f"http://{self.address}:{tracker_port}/announce")
         (run_dir / "run.torrent").write_bytes(self.torrent)
@@ -162,9 +155,6 @@ class Swarm:
             ["aria2c", *SEED, f"--interface={self.address}", f"--listen-port={seed_port}",
              f"--stop-with-process={os.getpid()}", "-d", str(run_dir), str(run_dir / "run.torrent")],
             cwd=run_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        self.procs["webseed"] = subprocess.Popen(
-            [sys.executable, str(WEBSEED), self.address, str(web_port), token, str(run_dir)],
-            cwd=run_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         # Should this process be killed outright, the watcher ends them within a second
         # and removes the run's folder.
         pids = " ".join(str(p.pid) for p in self.procs.values())
@@ -175,7 +165,7 @@ class Swarm:
             start_new_session=True)
         log.close()
         deadline = time.monotonic() + 10
-        while not all(self._listening(p) for p in (tracker_port, seed_port, web_port)):
+        while not all(self._listening(p) for p in (tracker_port, seed_port)):
             dead = [n for n, p in self.procs.items() if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 tail = (run_dir / "log").read_text(errors="replace")[-600:]
@@ -191,8 +181,7 @@ class Swarm:
             return False
 
     def stop(self) -> None:
-        """End the tracker, the seeder, the web seed and the watcher (by PID) and remove the
-        run's folder."""
+        """End the tracker, the seeder and the watcher (by PID) and remove the run's folder."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -239,11 +228,10 @@ def blob_path(model_dir: str, oid: str) -> str:
     return f"{staging(model_dir)}/blobs/{oid}"
 
 
-def host_script(model_dir: str, address: str, webseed: str) -> str:
+def host_script(model_dir: str, address: str) -> str:
     """Shell run on the host: aria2c fetches <staging>/run.torrent's blobs into <staging>
-    from the swarm and from the control's web seed, bound to the host's address towards the
-    control machine, for this run only. Its exit codes become ERROR lines naming the path or
-    the setting and the fix."""
+    from the swarm, bound to the host's address towards the control machine, for this run
+    only. Its exit codes become ERROR lines naming the path or the setting and the fix."""
     d = shlex.quote(staging(model_dir))
     opts = " ".join(FETCH + ["--summary-interval=5", "--console-log-level=warn",
                              "--download-result=hide", "--show-console-readout=false"])
@@ -261,7 +249,7 @@ def host_script(model_dir: str, address: str, webseed: str) -> str:
         # A cut download's blobs stay; -V keeps their pieces that check out under the new torrent.
         f"rm -f {d}/*.aria2; "
         f"aria2c {opts} --interface=\"$src\" --stop-with-process=\"$holder\" "
-        f"-d {d} -T {d}/run.torrent {shlex.quote(webseed)}; rc=$?; rm -f {d}/run.torrent; case $rc in 0) ;; "
+        f"-d {d} {d}/run.torrent; rc=$?; rm -f {d}/run.torrent; case $rc in 0) ;; "
         f"9) echo 'ERROR: No space left on device while writing under '{d}'. Fix: free space "
         "there or set install_dir to a larger filesystem (a rerun resumes)' >&2; exit 1;; "
         f"7) echo 'ERROR: the swarm download got no byte for {STALL_S} s from {address} or "
@@ -297,7 +285,7 @@ def fetch(state, host, s: Settings, model_dir: str, blobs: list) -> bool:
                             fg="red", log_func=logger.error)
             return False
         ok, output = host.run_shell_command(
-            StringCommand("sh", "-c", QuoteString(host_script(model_dir, address, swarm.webseed))),
+            StringCommand("sh", "-c", QuoteString(host_script(model_dir, address))),
             print_output=True)
         if not ok:
             fetch_failed(host, output)

@@ -1,5 +1,5 @@
-"""The control side of a swarm (operations/swarm.py, runtime/webseed.py) on loopback: what
-listens, that it serves only the run's paths, and that it is gone after the run however the
+"""The control side of a swarm (operations/swarm.py) on loopback: what listens, that the
+tracker admits only the run's info-hash, and that it is all gone after the run however the
 run ends (a kill -9 of the deploy included)."""
 
 import hashlib
@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import pytest
 
 from lab.hosts import _alive
 from operations.swarm import Swarm
+from runtime import torrent
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not (shutil.which("aria2c") and shutil.which("opentracker")),
@@ -44,27 +45,32 @@ def get(url, headers=None):
         return resp.status, resp.headers, resp.read()
 
 
-def test_serves_the_run_only_on_its_address_then_stops(tmp_path):
+def announce(tracker: str, info_hash: str) -> bytes:
+    query = urllib.parse.urlencode({"info_hash": bytes.fromhex(info_hash), "peer_id": b"-T-" + b"0" * 17,
+                                    "port": 1, "uploaded": 0, "downloaded": 0, "left": 1,
+                                    "compact": 1})
+    with urllib.request.urlopen(f"{tracker}?{query}", timeout=5) as resp:
+        return resp.read()
+
+
+def test_listens_on_its_address_admits_its_hash_only_then_stops(tmp_path):
     oid, data = cache_with_blob(tmp_path)
     swarm = Swarm(tmp_path, "127.0.0.1", [(oid, len(data))])
     swarm.enter()
     try:
         pids = [p.pid for p in swarm.procs.values()]
         addresses = listening(pids)
-        # tracker (TCP and UDP), seeder, web seed; on the given address only
-        assert len(addresses) == 4 and all(a.startswith("127.0.0.1:") for a in addresses), addresses
-        url = swarm.webseed + f"blobs/{oid}"
-        assert get(url)[2] == data
-        status, headers, body = get(url, {"Range": "bytes=1000-1999"})
-        assert status == 206 and body == data[1000:2000]
-        assert headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
-        assert get(url, {"Range": "bytes=-10"})[2] == data[-10:]
-        base = swarm.webseed.rsplit("/", 2)[0]
-        for bad in (f"{base}/wrong/blobs/{oid}", swarm.webseed + f"blobs/../blobs/{oid}",
-                    swarm.webseed + "whitelist", swarm.webseed + "blobs/nothing"):
-            with pytest.raises(urllib.error.HTTPError) as error:
-                get(bad)
-            assert error.value.code == 404, bad
+        # the tracker (TCP and UDP) and the seeder, on the given address only
+        assert len(addresses) == 3 and all(a.startswith("127.0.0.1:") for a in addresses), addresses
+        meta = torrent.bdecode(swarm.torrent)
+        tracker = meta[b"announce"].decode()
+        assert meta[b"info"][b"private"] == 1
+        # The tracker lists the seeder for the run's info-hash, and nothing for another one.
+        peers = torrent.bdecode(announce(tracker, swarm.info_hash))[b"peers"]
+        assert len(peers) >= 6 and len(peers) % 6 == 0
+        other = hashlib.sha1(b"another torrent").hexdigest()
+        assert b"peers" not in torrent.bdecode(announce(tracker, other)) or \
+            not torrent.bdecode(announce(tracker, other))[b"peers"]
         run_dir = swarm.run_dir
     finally:
         swarm.leave()
@@ -77,6 +83,7 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from operations.swarm import Swarm
+from runtime import torrent
 swarm = Swarm(Path({cache!r}), "127.0.0.1", [({oid!r}, {size})])
 swarm.enter()
 print(json.dumps([str(swarm.run_dir), [p.pid for p in swarm.procs.values()]]), flush=True)
@@ -92,7 +99,7 @@ def test_a_killed_deploy_leaves_nothing(tmp_path):
         root=str(ROOT), cache=str(tmp_path), oid=oid, size=len(data))], stdout=subprocess.PIPE,
         text=True)
     run_dir, pids = json.loads(proc.stdout.readline())
-    assert len(pids) == 4 and all(_alive(p) for p in pids)
+    assert len(pids) == 3 and all(_alive(p) for p in pids)
     assert listening(pids)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -2,7 +2,7 @@
 
 Real deploys (stages system,model): the hosts install aria2 from the image's apt archive and
 fetch the control cache's blobs over BitTorrent from this machine (opentracker, a seeding
-aria2c, the web seed) and from each other. While a deploy runs, a sampler records every
+aria2c) and from each other. While a deploy runs, a sampler records every
 process of the swarm (by PID) and every socket they listen on; afterwards each
 of those PIDs must be gone, nothing of theirs listening, and the run's folders removed.
 """
@@ -26,11 +26,11 @@ from tests.test_model_lab import (clean, fresh_share, inventory, model_dir, said
 
 HOSTS = ("h27", "h28", "h29")
 INSTALL = "/opt/chatglm-swarm"
-TOOLS = ("aria2c", "opentracker", "python3")  # python3: the web seed
+TOOLS = ("aria2c", "opentracker")
 
 
 def _ours(pid: str, cache: Path) -> str | None:
-    """'tracker', 'seeder', 'webseed' or 'host' for a swarm process of this test."""
+    """'tracker', 'seeder' or 'host' for a swarm process of this test."""
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
         if comm not in TOOLS:
@@ -40,8 +40,6 @@ def _ours(pid: str, cache: Path) -> str | None:
         return None
     if comm == "opentracker" and "chatglm-swarm-" in cmd:
         return "tracker"
-    if comm == "python3":
-        return "webseed" if "webseed.py" in cmd and "chatglm-swarm-" in cmd else None
     if "chatglm-swarm-" in cmd:
         return "seeder"
     if f"{INSTALL}/models/" in cmd and ".chatglm-swarm" in cmd:
@@ -100,7 +98,7 @@ def disks(lab) -> dict:
 
 def test_swarm_to_three_hosts(lab, fresh_share):
     """--dry writes nothing; the deploy places verified weights through the swarm (a tracker,
-    a seeder, a web seed and three host downloads seen, listening on loopback only); nothing is left;
+    a seeder and three host downloads seen, listening on loopback only); nothing is left;
     the rerun changes nothing; a host whose download fails does not stop the others."""
     cache = LAB / "cache-swarm-test"
     shutil.rmtree(cache, ignore_errors=True)
@@ -123,8 +121,7 @@ def test_swarm_to_three_hosts(lab, fresh_share):
         assert weights_ok(lab, host, "int4", INSTALL), host
         assert ".chatglm-swarm" not in lab.ssh(host, f"ls -A {model_dir('int4', INSTALL)}").stdout
     roles = sorted(sampler.pids.values())
-    assert roles.count("tracker") == roles.count("seeder") == roles.count("webseed") == 1, \
-        sampler.pids
+    assert roles.count("tracker") == roles.count("seeder") == 1, sampler.pids
     assert roles.count("host") == len(HOSTS), sampler.pids
     assert sampler.listening and all(a.startswith("127.0.0.1:") for a in sampler.listening), \
         sampler.listening
