@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from lab import hosts as labhosts
 from lab.lab import LAB
