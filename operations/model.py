@@ -403,7 +403,7 @@ def _put_in_place(model_dir: str, name: str, oid: str, src: str = "") -> StringC
     stamp = shlex.quote(f"{model_dir}/{STAMPS}/{name}")
     return StringCommand("sh", "-c", QuoteString(
         f'echo "{oid}  "{partial} | sha256sum -c --quiet - >/dev/null 2>&1 '
-        f"|| {{ rm -f {partial}; echo {shlex.quote(f'ERROR: {name}: sha256 differs from the LFS pointer after the upload; the pointer was left in place')} >&2; exit 1; }}; "
+        f"|| {{ rm -f {partial}; echo {shlex.quote(f'ERROR: {name}: sha256 differs from the LFS pointer after the transfer; the pointer was left in place')} >&2; exit 1; }}; "
         f'mv -f {partial} {dest} && mkdir -p "$(dirname {stamp})" && echo {oid} > {stamp}.tmp '
         f"&& mv -f {stamp}.tmp {stamp}"))
 
@@ -442,11 +442,12 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str, mirror: st
 
     weights_mode: 'control' downloads each file once into the control machine's cache, then
     uploads it (weights_transfer='push') or lets the hosts fetch it from the control machine
-    and from each other (weights_transfer='swarm', operations/swarm.py); 'direct' and 'mirror' copy the downloader (runtime/fetch.py) and a job file
-    listing the files to the host and run it there, its progress shown as it comes. In
-    every mode the host hashes the file against the pointer before it replaces it. The
-    pointers of the checked-out commit are indexed once (.chatglm-verified/.pointers-<sha>)
-    so that LfsFiles reads them on later runs without starting git.
+    and from each other (weights_transfer='swarm', operations/swarm.py); 'direct' and
+    'mirror' copy the downloader (runtime/fetch.py) and a job file listing the files to the
+    host and run it there, its progress shown as it comes. In every mode the host hashes the
+    file against the pointer before it replaces it. The pointers of the checked-out commit
+    are indexed once (.chatglm-verified/.pointers-<sha>) so that LfsFiles reads them on later
+    runs without starting git.
     """
     files = host.get_fact(LfsFiles, path=model_dir)
     if not files:
