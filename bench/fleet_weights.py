@@ -138,11 +138,11 @@ def push(net: Net, n: int, blob: Path, work: Path) -> float:
     return elapsed
 
 
-def swarm_round(net: Net, n: int, blob: Path, pieces: bytes, work: Path) -> float:
+def swarm_round(net: Net, n: int, blob: Path, pieces: bytes, work: Path, piece: int) -> float:
     """Seconds until n hosts hold the file, fetched as the deploy's swarm mode fetches it."""
     blobs = [(blob.name, blob.stat().st_size)]
     meta, info_hash = torrent.make("blobs", blobs, pieces,
-                                   f"http://{CONTROL}:{TRACKER_PORT}/announce")
+                                   f"http://{CONTROL}:{TRACKER_PORT}/announce", piece)
     (work / "run.torrent").write_bytes(meta)
     (work / "whitelist").write_text(info_hash + "\n")
     seed = work / "seed" / "blobs"
@@ -197,6 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rate-mbit", type=int, default=300)
     ap.add_argument("--push-max", type=int, default=16,
                     help="push rounds only up to this many hosts (the bound is shown beyond)")
+    ap.add_argument("--piece-kib", type=int, default=torrent.PIECE >> 10)
     ap.add_argument("--work", default=str(ROOT / ".lab-bench" / "fleet"))
     args = ap.parse_args(argv)
     counts = [int(n) for n in args.hosts.split(",")]
@@ -211,7 +212,8 @@ def main(argv=None) -> int:
     oid = hashlib.sha256(data.read_bytes()).hexdigest()
     blob = work / "blobs" / oid
     data.rename(blob)
-    pieces = torrent.piece_hashes(str(blob.parent), [(oid, size)])
+    piece = args.piece_kib << 10
+    pieces = torrent.piece_hashes(str(blob.parent), [(oid, size)], piece)
     link = args.rate_mbit * 1e6 / 8  # bytes/s
     one = size / link
 
@@ -228,7 +230,7 @@ def main(argv=None) -> int:
                 shutil.rmtree(rw)
             rw = work / f"swarm-{n}"
             rw.mkdir()
-            r["swarm_s"] = swarm_round(net, n, blob, pieces, rw)
+            r["swarm_s"] = swarm_round(net, n, blob, pieces, rw, piece)
             shutil.rmtree(rw)
             r["push_bound_s"] = n * one
             r["tree_bound_s"] = max(1, math.ceil(math.log2(n + 1))) * one

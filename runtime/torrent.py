@@ -15,7 +15,11 @@ import hashlib
 import os
 import secrets
 
-PIECE = 4 << 20  # bytes per piece: 256 pieces per GiB, a small .torrent even for 13.7 GB
+# Bytes per piece. A host shares a piece only once it holds all of it, so small pieces keep
+# the hosts trading from the first seconds: 256 MiB to 16 hosts on 75 Mbit/s links took 63.1 s
+# with 4 MiB pieces, 54.0 s with 1 MiB, 49.4 s with 256 KiB, 48.4 s with 128 KiB (one host:
+# 35.1 s). The .torrent holds 20 bytes a piece: 80 KB per GiB.
+PIECE = 256 << 10
 READ = 1 << 20
 
 
