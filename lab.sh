@@ -8,7 +8,8 @@ cd "$(dirname "$0")"
 
 need_apt=()
 for tool in debootstrap:debootstrap gpg:gnupg apt-ftparchive:apt-utils dpkg-scanpackages:dpkg-dev \
-            git:git git-lfs:git-lfs gcc:gcc curl:curl socat:socat; do
+            git:git git-lfs:git-lfs gcc:gcc curl:curl socat:socat \
+            aria2c:aria2 opentracker:opentracker; do
   command -v "${tool%%:*}" >/dev/null || need_apt+=("${tool##*:}")
 done
 # The lab's systemd hosts boot with systemd-nspawn: the one of the installed systemd's version,

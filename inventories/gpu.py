@@ -38,6 +38,12 @@ Weights (Tsinghua cloud Seafile shares, data/models.toml):
     weights_mode="control"    control: downloaded once to the control machine, pushed to
                               hosts | direct: each host downloads | mirror: a LAN URL
     weights_cache="~/.cache/chatglm-deploy"   control-side cache (content-addressed)
+    weights_transfer="push"   with weights_mode="control", how the cache reaches the hosts:
+                              push: uploaded to each host over SSH | swarm: the hosts fetch
+                              from this machine and from each other over BitTorrent (needs
+                              aria2 and opentracker here; docs/swarm.md)
+    weights_swarm_address=""  swarm: this machine's address as the hosts reach it (empty: the
+                              local address of the deploy's SSH connection to each host)
     seafile_url=""            another Seafile server holding the same share paths
     weights_share=""          a different share link (https://HOST/d/TOKEN/)
     weights_share_path=""     folder inside that share ("{name}" allowed)

@@ -18,7 +18,7 @@ BASE_PACKAGES = ["openssh-server", "python3", "iproute2", "ca-certificates"]
 DEPLOY_PACKAGES = [
     "git", "git-lfs", "gcc", "libc6-dev", "libgomp1", "python3-venv",
     "python3-dev", "pciutils", "curl", "kmod", "gnupg", "procps",
-    "initramfs-tools",
+    "initramfs-tools", "aria2",
 ]
 VERSION = hashlib.sha256(
     " ".join([SUITE, *BASE_PACKAGES, "|", *DEPLOY_PACKAGES, "v3"]).encode()

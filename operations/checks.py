@@ -1,6 +1,6 @@
 """One host's settings, every check of them: what the deploy reads of the inventory."""
 
-from . import pyplan, serve
+from . import pyplan, serve, swarm
 from .settings import Settings, read_settings
 
 
@@ -10,4 +10,5 @@ def settings_for(host) -> Settings:
     s = read_settings(host)
     pyplan.check_settings(s)  # backend, lock, mirrors
     serve.check_settings(s)
+    swarm.check_settings(s)  # weights_transfer, and this machine's tools for a swarm
     return s

@@ -22,7 +22,7 @@ from pyinfra.operations import files as files_ops
 from facts.model import GitHead, LfsFiles, PointerIndex, RemoteRefs
 from facts.system import FreeDiskBytes
 
-from . import hostlock
+from . import hostlock, swarm
 from .common import fail
 from .resolver import GpuPlan
 from .settings import ROOT, VERIFIED, SettingError, Settings, is_commit, load_toml
@@ -269,13 +269,15 @@ def fetch_to_cache(state, host, cache: Path, share: str, share_path: str, name: 
     return True
 
 
-def _put_in_place(model_dir: str, name: str, oid: str) -> StringCommand:
-    """Check a file's sha256 on the host, then rename it over its pointer and stamp it."""
-    partial, dest = shlex.quote(_partial(model_dir, name)), shlex.quote(f"{model_dir}/{name}")
+def _put_in_place(model_dir: str, name: str, oid: str, src: str = "") -> StringCommand:
+    """Check a file's sha256 on the host, then rename it over its pointer and stamp it; the
+    file is the upload's partial file beside the pointer, or src."""
+    partial = shlex.quote(src or _partial(model_dir, name))
+    dest = shlex.quote(f"{model_dir}/{name}")
     stamp = shlex.quote(f"{model_dir}/{VERIFIED}/{name}")
     return StringCommand("sh", "-c", QuoteString(
         f'echo "{oid}  "{partial} | sha256sum -c --quiet - >/dev/null 2>&1 '
-        f"|| {{ rm -f {partial}; echo {shlex.quote(f'ERROR: {name}: sha256 differs from the LFS pointer after the upload; the pointer was left in place')} >&2; exit 1; }}; "
+        f"|| {{ rm -f {partial}; echo {shlex.quote(f'ERROR: {name}: sha256 differs from the LFS pointer after the transfer; the pointer was left in place')} >&2; exit 1; }}; "
         f'mv -f {partial} {dest} && mkdir -p "$(dirname {stamp})" && echo {oid} > {stamp}.tmp '
         f"&& mv -f {stamp}.tmp {stamp}"))
 
@@ -306,18 +308,20 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str, mirror: st
     """
     Replace each LFS pointer of a model checkout by the verified weight file.
 
-    + s: the host's settings (weights_mode, weights_cache, python, install_dir)
+    + s: the host's settings (weights_mode, weights_transfer, weights_cache, python, install_dir)
     + model_dir: the model checkout on the host
     + share: the Seafile folder share link holding the weights
     + share_path: the folder inside the share
     + mirror: for weights_mode='mirror', the URL of the folder holding this model's files
 
-    weights_mode: 'control' downloads each file once into the control machine's cache and
-    uploads it; 'direct' and 'mirror' copy the downloader (runtime/fetch.py) and a job file
-    listing the files to the host and run it there, its progress shown as it comes. In
-    every mode the host hashes the file against the pointer before it replaces it. The
-    pointers of the checked-out commit are indexed once (.chatglm-verified/.pointers-<sha>)
-    so that LfsFiles reads them on later runs without starting git.
+    weights_mode: 'control' downloads each file once into the control machine's cache, then
+    uploads it (weights_transfer='push') or lets the hosts fetch it from the control machine
+    and from each other (weights_transfer='swarm', operations/swarm.py); 'direct' and
+    'mirror' copy the downloader (runtime/fetch.py) and a job file listing the files to the
+    host and run it there, its progress shown as it comes. In every mode the host hashes the
+    file against the pointer before it replaces it. The pointers of the checked-out commit
+    are indexed once (.chatglm-verified/.pointers-<sha>) so that LfsFiles reads them on later
+    runs without starting git.
     """
     files = host.get_fact(LfsFiles, path=model_dir)
     if not files:
@@ -360,8 +364,15 @@ def weights(s: Settings, model_dir: str, share: str, share_path: str, mirror: st
         for name, f in sorted(todo.items()):
             yield FunctionCommand(fetch_to_cache, (cache, share, share_path, name, f["oid"],
                                                    f["size"], s.weights_attempts), {})
-            yield FileUploadCommand(str(cache / "blobs" / f["oid"]), _partial(model_dir, name))
-            yield _put_in_place(model_dir, name, f["oid"])
+            if s.weights_transfer == "push":
+                yield FileUploadCommand(str(cache / "blobs" / f["oid"]), _partial(model_dir, name))
+                yield _put_in_place(model_dir, name, f["oid"])
+        if s.weights_transfer == "swarm":
+            blobs = sorted({(f["oid"], f["size"]) for f in todo.values()})
+            yield FunctionCommand(swarm.fetch, (s, model_dir, blobs), {})
+            for name, f in sorted(todo.items()):
+                yield _put_in_place(model_dir, name, f["oid"], swarm.blob_path(model_dir, f["oid"]))
+            yield StringCommand("rm", "-rf", QuoteString(swarm.staging(model_dir)))
         return
 
     script, job = f"{s.install_dir}/bin/fetch.py", f"{s.install_dir}/bin/fetch-{Path(model_dir).name}.json"
@@ -382,11 +393,16 @@ def _run_shown(state, host, command: StringCommand) -> bool:
     again as the host's error, for the fleet report."""
     ok, output = host.run_shell_command(command, print_output=True)
     if not ok:
-        errors = [line.strip() for line in output.stderr_lines if line.strip().startswith("ERROR:")]
-        host.log_styled("weights: " + (" / ".join(e[len("ERROR:"):].strip() for e in errors)
-                                       or "the downloader failed (see its output above)"),
-                        fg="red", log_func=logger.error)
+        fetch_failed(host, output)
     return ok
+
+
+def fetch_failed(host, output) -> None:
+    """Log a host's failed download by its ERROR lines, as the host's error (fleet report)."""
+    errors = [line.strip() for line in output.stderr_lines if line.strip().startswith("ERROR:")]
+    host.log_styled("weights: " + (" / ".join(e[len("ERROR:"):].strip() for e in errors)
+                                   or "the downloader failed (see its output above)"),
+                    fg="red", log_func=logger.error)
 
 
 def auto_variant(plan: GpuPlan, ram_bytes: int) -> str:

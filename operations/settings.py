@@ -82,6 +82,8 @@ class Settings:
     weights_mirror: str = ""
     weights_cache: str = "~/.cache/chatglm-deploy"
     weights_attempts: int = 6
+    weights_transfer: str = "push"
+    weights_swarm_address: str = ""
     cuda_version: str = ""
     driver_branch: str = ""
     cudnn: str = ""

@@ -17,7 +17,7 @@ from pyinfra.api.operation import OperationMeta
 from facts.system import HostResources
 
 from . import (cuda_libs, factcache, gpu, gpu_kernels, hostlock, kernel, model, preflight, pyenv,
-               pyplan, runstate, serve, smoke, system, tuning)
+               pyplan, runstate, serve, smoke, swarm, system, tuning)
 from .checks import settings_for
 from .pyplan import PythonPlan
 from .report import FleetReport, stop_on_signals
@@ -143,7 +143,8 @@ def serve_port(s: Settings) -> None:
 @deploy("System")
 def base_system(s: Settings) -> None:
     if "system" in s.stage_list:
-        system.base_packages(name="base packages")
+        system.base_packages(name="base packages",
+                             extra=swarm.HOST_PACKAGES if s.weights_transfer == "swarm" else None)
 
 
 @deploy("GPU")

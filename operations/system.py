@@ -29,7 +29,7 @@ def check_supported() -> str:
 
 
 @operation()
-def base_packages(extra=None):
+def base_packages(extra: list[str] | None = None):
     """
     Install the OS packages the deploy needs (git, git-lfs, gcc, python3-venv ...).
 

@@ -45,6 +45,8 @@ GPU_DATA.update(h9={"stages": "system,python"}, h10={"stages": "system,python"})
 # without a driver. h25-h26: two deploys at once, Ctrl-C, odd paths, host keys
 # (tests/test_concurrency_lab.py, which makes them fresh as it needs).
 HOSTS += [f"h{i}" for i in range(12, 27)]
+# h27-h29: weights_transfer='swarm' (tests/test_swarm_lab.py).
+HOSTS += ["h27", "h28", "h29"]
 GPUS.update({"h18": {"gpus": [H100]},
              "h19": {"gpus": [{**H100, "name": "NVIDIA small", "memory_mib": 6144,
                                "device_id": "0x1f99"}]},
