@@ -38,6 +38,8 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 from io import BytesIO
 from pathlib import Path
 
@@ -110,6 +112,10 @@ def _free_port(address: str) -> int:
         return sock.getsockname()[1]
 
 
+class TrackerRefused(OSError):
+    """The run's tracker did not take the run's info-hash in time."""
+
+
 class Swarm:
     """The control side of one swarm: a torrent of some cache blobs, its tracker and seeder.
     Started by the first host that enters, stopped when the last one leaves."""
@@ -121,12 +127,20 @@ class Swarm:
         self.torrent = b""
         self.info_hash = ""
 
-    def start(self) -> None:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
+    def start(self, attempts: int = 3) -> None:
+        for attempt in range(attempts):
+            try:
+                self._start()
+                return
+            except TrackerRefused:
+                # Now and then opentracker keeps refusing its whitelisted hash (even after
+                # SIGHUP): a fresh tracker, with a fresh run hash, has always taken it.
+                self.stop()
+                if attempt == attempts - 1:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
 
     def _start(self) -> None:
         run_dir = Path(tempfile.mkdtemp(prefix="chatglm-swarm-"))
@@ -151,27 +165,74 @@ class Swarm:
             ["opentracker", "-i", self.address, "-p", str(tracker_port), "-P", str(tracker_port),
              "-w", str(whitelist)], cwd=run_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             start_new_session=True)
+        self._watch(run_dir)
+        # opentracker reads its whitelist on a thread of its own after it listens: a peer that
+        # announces before that is refused and waits a whole interval to ask again.
+        try:
+            self._wait("tracker", lambda: self._tracker(tracker_port, "announce") is not None, seconds=4,
+                       nudge=lambda: self.procs["tracker"].send_signal(signal.SIGHUP))
+        except OSError as error:
+            raise TrackerRefused(str(error)) from None
         self.procs["seeder"] = subprocess.Popen(
             ["aria2c", *SEED, f"--interface={self.address}", f"--listen-port={seed_port}",
              f"--stop-with-process={os.getpid()}", "-d", str(run_dir), str(run_dir / "run.torrent")],
             cwd=run_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        # Should this process be killed outright, the watcher ends them within a second
-        # and removes the run's folder.
+        log.close()
+        self._watch(run_dir)
+        # Ready once the tracker lists the seeder: the hosts' first announce finds it.
+        self._wait("seeder", lambda: self._listening(seed_port) and self._tracker(tracker_port, "scrape"))
+
+    def _watch(self, run_dir: Path) -> None:
+        """Should this process be killed outright, a watcher ends the swarm's processes within
+        a second and removes the run's folder (started again as processes are added)."""
+        old = self.procs.pop("watcher", None)
+        if old is not None:
+            old.kill()
+            old.wait()
         pids = " ".join(str(p.pid) for p in self.procs.values())
         self.procs["watcher"] = subprocess.Popen(
             ["sh", "-c", f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; "
-                         f"kill {pids} 2>/dev/null; sleep 1; rm -rf {shlex.quote(str(run_dir))}"],
+                         f"kill {pids} 2>/dev/null; sleep 1; rm -rf {shlex.quote(str(self.run_dir))}"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + 10
-        while not all(self._listening(p) for p in (tracker_port, seed_port)):
+
+    def _wait(self, what: str, ready, seconds: float = 10, nudge=None) -> None:
+        """Until ready(); every 2 s nudge() (opentracker reloads its whitelist on SIGHUP)."""
+        start = time.monotonic()
+        deadline, nudged = start + seconds, start
+        while not ready():
+            if nudge is not None and time.monotonic() - nudged > 2:
+                nudge()
+                nudged = time.monotonic()
             dead = [n for n, p in self.procs.items() if p.poll() is not None]
             if dead or time.monotonic() > deadline:
-                tail = (run_dir / "log").read_text(errors="replace")[-600:]
-                raise OSError(f"the swarm's {', '.join(dead) or 'servers'} did not start "
+                tail = (self.run_dir / "log").read_text(errors="replace")[-600:]
+                raise OSError(f"the swarm's {', '.join(dead) or what} did not start "
                               f"on {self.address}: {tail.strip()}")
             time.sleep(0.1)
+
+    def _tracker(self, port: int, ask: str, event: str = ""):
+        """announce: the tracker's answer for the run's info-hash, None while it refuses it (a
+        probe peer, which then leaves: opentracker checks its whitelist only for a peer that
+        joins); scrape: whether a seeder is listed."""
+        at = f"http://{self.address}:{port}/{ask}?"
+        query = {"info_hash": bytes.fromhex(self.info_hash)}
+        if ask == "announce":
+            query.update(peer_id=b"-CG0000-probe0000000", port=1, uploaded=0, downloaded=0, left=0,
+                         compact=1, numwant=0, **({"event": event} if event else {}))
+        try:
+            with urllib.request.urlopen(at + urllib.parse.urlencode(query), timeout=2) as resp:
+                meta = torrent.bdecode(resp.read())
+        except (OSError, ValueError):
+            return None
+        if ask == "announce":
+            if b"failure reason" in meta:
+                return None
+            if not event:
+                self._tracker(port, ask, "stopped")
+            return meta
+        stats = meta.get(b"files", {}).get(bytes.fromhex(self.info_hash), {})
+        return stats.get(b"complete", 0) >= 1
 
     def _listening(self, port: int) -> bool:
         try:
