@@ -160,41 +160,38 @@ class Swarm:
         whitelist = run_dir / "whitelist"
         whitelist.write_text(self.info_hash + "\n")
         whitelist.chmod(0o644)
-        log = open(run_dir / "log", "ab")
-        self.procs["tracker"] = subprocess.Popen(
-            ["opentracker", "-i", self.address, "-p", str(tracker_port), "-P", str(tracker_port),
-             "-w", str(whitelist)], cwd=run_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        # Should this process be killed outright, the watcher ends the processes listed in
+        # pids within a second and removes the run's folder.
+        (run_dir / "pids").touch()
+        self.procs["watcher"] = subprocess.Popen(
+            ["sh", "-c", f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; "
+                         f"kill $(cat {shlex.quote(str(run_dir / 'pids'))}) 2>/dev/null; sleep 1; "
+                         f"rm -rf {shlex.quote(str(run_dir))}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
-        self._watch(run_dir)
+        self._spawn("tracker", ["opentracker", "-i", self.address, "-p", str(tracker_port),
+                                "-P", str(tracker_port), "-w", str(whitelist)])
         # opentracker reads its whitelist on a thread of its own after it listens: a peer that
         # announces before that is refused and waits a whole interval to ask again.
         try:
-            self._wait("tracker", lambda: self._tracker(tracker_port, "announce") is not None, seconds=4,
+            self._wait("tracker", lambda: self._admitted(tracker_port), seconds=4,
                        nudge=lambda: self.procs["tracker"].send_signal(signal.SIGHUP))
         except OSError as error:
             raise TrackerRefused(str(error)) from None
-        self.procs["seeder"] = subprocess.Popen(
-            ["aria2c", *SEED, f"--interface={self.address}", f"--listen-port={seed_port}",
-             f"--stop-with-process={os.getpid()}", "-d", str(run_dir), str(run_dir / "run.torrent")],
-            cwd=run_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        log.close()
-        self._watch(run_dir)
+        self._spawn("seeder", ["aria2c", *SEED, f"--interface={self.address}", f"--listen-port={seed_port}",
+                               f"--stop-with-process={os.getpid()}", "-d", str(run_dir),
+                               str(run_dir / "run.torrent")])
         # Ready once the tracker lists the seeder: the hosts' first announce finds it.
-        self._wait("seeder", lambda: self._listening(seed_port) and self._tracker(tracker_port, "scrape"))
+        self._wait("seeder", lambda: self._listening(seed_port) and self._seeded(tracker_port))
 
-    def _watch(self, run_dir: Path) -> None:
-        """Should this process be killed outright, a watcher ends the swarm's processes within
-        a second and removes the run's folder (started again as processes are added)."""
-        old = self.procs.pop("watcher", None)
-        if old is not None:
-            old.kill()
-            old.wait()
-        pids = " ".join(str(p.pid) for p in self.procs.values())
-        self.procs["watcher"] = subprocess.Popen(
-            ["sh", "-c", f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; "
-                         f"kill {pids} 2>/dev/null; sleep 1; rm -rf {shlex.quote(str(self.run_dir))}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        """Start one of the swarm's servers in the run's folder, logging there, and list its
+        PID for the watcher."""
+        with open(self.run_dir / "log", "ab") as log:
+            self.procs[name] = subprocess.Popen(argv, cwd=self.run_dir, stdin=subprocess.DEVNULL, stdout=log,
+                                                stderr=log, start_new_session=True)
+        with open(self.run_dir / "pids", "a") as pids:
+            pids.write(f"{self.procs[name].pid}\n")
 
     def _wait(self, what: str, ready, seconds: float = 10, nudge=None) -> None:
         """Until ready(); every 2 s nudge() (opentracker reloads its whitelist on SIGHUP)."""
@@ -211,28 +208,31 @@ class Swarm:
                               f"on {self.address}: {tail.strip()}")
             time.sleep(0.1)
 
-    def _tracker(self, port: int, ask: str, event: str = ""):
-        """announce: the tracker's answer for the run's info-hash, None while it refuses it (a
-        probe peer, which then leaves: opentracker checks its whitelist only for a peer that
-        joins); scrape: whether a seeder is listed."""
-        at = f"http://{self.address}:{port}/{ask}?"
-        query = {"info_hash": bytes.fromhex(self.info_hash)}
-        if ask == "announce":
-            query.update(peer_id=b"-CG0000-probe0000000", port=1, uploaded=0, downloaded=0, left=0,
-                         compact=1, numwant=0, **({"event": event} if event else {}))
+    def _ask(self, tracker_port: int, path: str, query: dict) -> dict | None:
+        """The tracker's bencoded answer about the run's info-hash; None when it gives none."""
+        query = {**query, "info_hash": bytes.fromhex(self.info_hash)}
+        url = f"http://{self.address}:{tracker_port}/{path}?{urllib.parse.urlencode(query)}"
         try:
-            with urllib.request.urlopen(at + urllib.parse.urlencode(query), timeout=2) as resp:
-                meta = torrent.bdecode(resp.read())
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return torrent.bdecode(resp.read())
         except (OSError, ValueError):
             return None
-        if ask == "announce":
-            if b"failure reason" in meta:
-                return None
-            if not event:
-                self._tracker(port, ask, "stopped")
-            return meta
-        stats = meta.get(b"files", {}).get(bytes.fromhex(self.info_hash), {})
-        return stats.get(b"complete", 0) >= 1
+
+    def _admitted(self, port: int) -> bool:
+        """Whether the tracker takes the run's info-hash: a probe peer joins (opentracker checks
+        its whitelist only for a peer that joins), then leaves."""
+        probe = dict(peer_id=b"-CG0000-probe0000000", port=1, uploaded=0, downloaded=0, left=0, compact=1,
+                     numwant=0)
+        answer = self._ask(port, "announce", probe)
+        if answer is None or b"failure reason" in answer:
+            return False
+        self._ask(port, "announce", {**probe, "event": "stopped"})
+        return True
+
+    def _seeded(self, port: int) -> bool:
+        """Whether the tracker lists a seeder (a complete peer) for the run's info-hash."""
+        files = (self._ask(port, "scrape", {}) or {}).get(b"files", {})
+        return files.get(bytes.fromhex(self.info_hash), {}).get(b"complete", 0) >= 1
 
     def _listening(self, port: int) -> bool:
         try:
