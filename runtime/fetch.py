@@ -37,8 +37,8 @@ Speed: the body is read in BLOCK pieces into a few reused buffers (no copies), w
 once, and hashed on a worker thread (hashlib releases the GIL) so hashing overlaps the
 reads where a core is free; on a host another thread fdatasyncs every FLUSH bytes, so the
 fsync before the pointer is replaced has little left to do. In a process that gevent has
-patched (pyinfra's), threads would be greenlets on the hub: there everything runs in line.
-The control cache is not fsynced: the host hashes every file again before it uses it.
+patched (pyinfra's), a started thread would be a greenlet on the hub, so the hashing goes
+to gevent's pool of real threads instead. The control cache is not fsynced: the host hashes every file again before it uses it.
 """
 
 import collections
@@ -60,10 +60,12 @@ ATTEMPTS = 6
 BACKOFF = 0.5  # seconds before the second try, doubled for each further one, at most 10
 LOCK_WAIT = 10.0  # seconds to wait for another download of the same file to end
 BLOCK = 1 << 20  # bytes of a read from the network and of a hash update
-# Written in 256 KiB pieces: on Linux 6.x a 1 MiB write into the page cache asks for large
-# folios, and where memory must be compacted for them one 2 GiB download spent 2-5 s more
-# in the kernel (measured: 2 GiB in 1 MiB writes 2.0-5.1 s, in 256 KiB writes 0.44-0.94 s).
-WRITE = 256 << 10
+# Written in 16 KiB pieces: on Linux 6.x the size of a write into the page cache picks the
+# size of the memory blocks that hold it, and larger blocks cost more to get on a busy or
+# virtual machine (2 GiB written in 16 KiB pieces: 0.6-0.85 s in the kernel; in 32 KiB
+# pieces 1.6-2.0 s, in 256 KiB 0.7-2.5 s, in 1 MiB 1.6-2.7 s; the syscalls themselves cost
+# about 0.1 s more than in 256 KiB pieces).
+WRITE = 16 << 10
 DEPTH = 4  # buffers in flight between the downloading thread and the hashing thread
 FLUSH = 16 << 20  # bytes written between two background fdatasync calls
 TIMEOUT = 60
