@@ -18,7 +18,8 @@ transfer itself, with the exact aria2c/opentracker options the deploy's swarm mo
 Per N: both times, and as ratios: swarm(N)/swarm(1) (target <= 1.5), push and swarm against
 the two bounds, N x size / link (a push) and ceil(log2(N+1)) x size / link (a fan-out tree where
 every holder sends one copy at a time). Per stream: curl's and the swarm's time for one host on
-the same link (target: the swarm at >= 0.9x curl's throughput). Results in bench/results/.
+the same link (target: the swarm at >= 0.9x curl's throughput). Results in
+bench/results/fleet_weights_<rate>mbit.{json,md}.
 """
 
 import argparse
@@ -262,9 +263,10 @@ def main(argv=None) -> int:
     print(text)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fleet_weights.json").write_text(json.dumps(
+    stem = f"fleet_weights_{args.rate_mbit}mbit"  # one result per link rate
+    (out / f"{stem}.json").write_text(json.dumps(
         {"size_mib": args.size_mib, "rate_mbit": args.rate_mbit, "rows": rows}, indent=1) + "\n")
-    (out / "fleet_weights.md").write_text(text)
+    (out / f"{stem}.md").write_text(text)
     return 0
 
 
