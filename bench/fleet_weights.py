@@ -1,7 +1,7 @@
 """Time to place one model on N hosts: a push from the control machine vs the swarm.
 
     .venv/bin/python bench/fleet_weights.py [--hosts 1,2,4,8,16] [--size-mib 1024]
-                                            [--rate-mbit 300] [--push-max 16]
+                                            [--rate-mbit 50] [--push-max 1]
 
 Every node (the control machine and each host) is a network namespace of its own, joined to
 a bridge in one more namespace by a veth pair; both directions of every link are limited to
@@ -195,8 +195,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hosts", default="1,2,4,8,16")
     ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--rate-mbit", type=int, default=300)
-    ap.add_argument("--push-max", type=int, default=16,
+    # 50 Mbit/s: the rate at which 16 hosts still leave this lab's 2 cores some idle time; at 100
+    # Mbit/s and more the machine, not the swarm, sets the pace at 16 hosts.
+    ap.add_argument("--rate-mbit", type=int, default=50)
+    ap.add_argument("--push-max", type=int, default=1,
                     help="push rounds only up to this many hosts (the bound is shown beyond)")
     ap.add_argument("--piece-kib", type=int, default=torrent.PIECE >> 10)
     ap.add_argument("--work", default=str(ROOT / ".lab-bench" / "fleet"))
