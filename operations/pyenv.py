@@ -52,9 +52,18 @@ def conda(install_dir: str, prefix: str, url: str, sha256: str, file: str, chann
                    f"Fix: remove {prefix}, or set conda_dir to another directory")
         return
     if found["state"] == "absent":
-        # A file whose sha256 differs fails the host; the rerun fetches it again.
-        yield from files.download._inner(src=url, dest=file, sha256sum=sha256,
-                                         extra_curl_args={"--retry": "3"})
+        # A file whose sha256 differs fails the host; the rerun fetches it again. pyinfra's
+        # check, the download's last command, only says "SHA256 did not match!": ours follows it
+        # with the settings that chose the file and the fix.
+        commands = list(files.download._inner(src=url, dest=file, sha256sum=sha256,
+                                              extra_curl_args={"--retry": "3"}))
+        if commands:
+            yield from commands[:-1]
+            yield StringCommand(commands[-1], "||", "{", "echo", QuoteString(
+                f"ERROR: the conda installer from {url} does not have the sha256 {sha256}. Fix: set "
+                "conda_installer_sha256 to the sha256 published beside that file, or point "
+                "conda_installer_url (or conda_mirror) at the file this sha256 belongs to"),
+                ">&2;", "exit", "1;", "}")
         yield StringCommand("bash", QuoteString(file), "-b", "-p", QuoteString(prefix))
         yield StringCommand("rm", "-f", QuoteString(file))
     else:

@@ -18,6 +18,7 @@ Spec keys (beyond those of test_gpu_specs):
 
 import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,28 @@ def test_every_spec_is_well_formed():
         assert set(spec) <= allowed, (path.name, set(spec) - allowed)
         assert sum(k in spec for k in ("commands", "noop", "raises")) == 1, path.name
         assert spec.get("description"), path.name
+
+
+@pytest.mark.parametrize("right", [False, True], ids=["other_bytes", "pinned_bytes"])
+def test_conda_installer_check_runs_in_bash(tmp_path, right):
+    """The installer's sha256 check, as the conda spec yields it, run by bash on a real file:
+    other bytes fail naming the setting and the fix; the pinned bytes pass."""
+    spec = json.loads((SPECS / "conda-miniconda_own_sha.json").read_text())
+    check = next(c for c in run_spec(spec)[0] if isinstance(c, str) and "SHA256" in c)
+    path = "/opt/chatglm/.Miniconda3-py311_24.5.0-0-Linux-x86_64.sh"
+    pinned = spec["args"]["s"]["conda_installer_sha256"]
+    installer = tmp_path / "installer.sh"
+    installer.write_bytes(b"#!/bin/sh\necho installer\n")
+    actual = hashlib.sha256(installer.read_bytes()).hexdigest()
+    command = check.replace(path, str(installer))
+    if right:  # the same check, pinned to the bytes the file holds
+        command = command.replace(pinned, actual)
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    if right:
+        assert done.returncode == 0, done.stderr
+        assert "ERROR" not in done.stderr
+    else:
+        assert done.returncode == 1
+        assert "SHA256 did not match!" in done.stdout
+        assert "does not have the sha256 " + pinned in done.stderr
+        assert "Fix: set conda_installer_sha256" in done.stderr
