@@ -52,16 +52,17 @@ def begin() -> runstate.Run:
     tuning.apply(state)
     factcache.install(state)
     inventory = state.inventory
-    reporting = 0
+    fleet = []
     for each in inventory:
         s = settings_for(each)
         if s.variant != "auto" and "model" in s.stage_list:
             source_for(s, s.variant)
-        # The report is written when a host brings figures back: a smoke or a serve result.
-        reporting += (s.smoke_test and "smoke" in s.stage_list) or "serve" in s.stage_list
-    report_dir = Path(settings_for(next(iter(inventory))).report_dir)
+        fleet.append(s)
+    # The report is written when a host brings figures back: a smoke or a serve result.
+    reporting = any(wants_smoke(s) or "serve" in s.stage_list for s in fleet)
+    report_dir = Path(fleet[0].report_dir)
     report_dir = report_dir if report_dir.is_absolute() else Path(state.cwd or ROOT) / report_dir
-    run.report = FleetReport(report_dir, len(state.activated_hosts), bool(reporting))
+    run.report = FleetReport(report_dir, len(state.activated_hosts), reporting)
     state.add_callback_handler(run.report)
     state.add_callback_handler(hostlock.Release())
     stop_on_signals(state, run.report, hostlock.is_dry())
